@@ -1,0 +1,251 @@
+"""The attention function compresskv registers with transformers.
+
+A compressed cache changes what a layer holds: PyramidKV keeps a different number of tokens per
+layer, and under left padding the kept tokens of a row are no longer contiguous. transformers
+builds one mask per forward, sized from the first full-attention layer, so compressed layers need
+their own. We register, for each base backend (``eager``, ``sdpa``, ``flash_attention_2``), an
+attention function ``compresskv_<base>`` and a mask function under the same name (transformers
+drops the mask of a name it has no mask function for). The mask function returns a
+:class:`MaskBundle` carrying the base backend's mask and the 2-D padding mask; the attention
+function rebuilds the mask of a compressed layer from that layer's own validity tensor and then
+calls the base backend, so every model whose attention goes through ``ALL_ATTENTION_FUNCTIONS``
+works unchanged. After the base attention it lets the layer compress (eviction scores, SVD, ...),
+so prefill attention always runs on the full, uncompressed keys and values.
+
+Layers that are not compressed (sliding-window layers, plain ``DynamicCache``) get the base mask
+and the base function untouched: a model with compresskv's attention installed computes exactly
+what it computed before.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cache.base import KVLayer
+
+PREFIX = "compresskv_"
+BASE_BACKENDS = ("eager", "sdpa", "flash_attention_2")
+
+_pending = threading.local()
+
+
+def mark_pending(layer: "KVLayer", keys: torch.Tensor) -> None:
+    """Record that ``layer`` just returned ``keys`` from ``update()``; the attention call that
+    receives this very tensor belongs to that layer."""
+    previous = getattr(_pending, "entry", None)
+    if previous is not None and previous[1]() is not None:
+        _pending.entry = None
+        raise RuntimeError(
+            "compresskv: a compressed cache layer was updated but its attention never ran through "
+            "compresskv's attention function, so nothing was compressed and its mask would be wrong. "
+            "Either the model's attention implementation was changed after the cache was created, or "
+            "the cache is used with another model than the one it was built for. Create one cache per "
+            "model (or call compresskv.patch), after choosing the attention implementation."
+        )
+    _pending.entry = (layer, weakref.ref(keys))
+
+
+def _take_pending(key: torch.Tensor) -> "KVLayer | None":
+    entry = getattr(_pending, "entry", None)
+    if entry is None:
+        return None
+    layer, ref = entry
+    if ref() is key:
+        _pending.entry = None
+        return layer
+    return None
+
+
+def clear_pending() -> None:
+    """Forget a pending layer (used after a forward that raised)."""
+    _pending.entry = None
+
+
+@dataclass
+class MaskBundle:
+    """What compresskv's mask function hands to its attention function: the base backend's mask
+    (built lazily, once per forward, shared by all layers) and the 2-D padding mask."""
+
+    base_fn: Callable[..., Any]
+    kwargs: dict[str, Any]
+    pad2d: torch.Tensor | None
+    _base: Any = field(default=None, repr=False)
+    _built: bool = field(default=False, repr=False)
+
+    @property
+    def base(self) -> Any:
+        if not self._built:
+            self._base = self.base_fn(**self.kwargs)
+            self._built = True
+        return self._base
+
+
+def _base_attention(base: str, module: torch.nn.Module) -> Callable[..., Any]:
+    if base == "eager":
+        # The model family's own eager function (it may carry soft-capping, sinks, ...).
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise ValueError(
+                f"compresskv: {type(module).__name__} has no module-level `eager_attention_forward`; "
+                "use attn_implementation='sdpa' for this model."
+            )
+        return fn
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _layer_mask(
+    layer: "KVLayer", base: str, query: torch.Tensor, pad2d: torch.Tensor | None, base_mask: Any
+) -> Any:
+    """The mask of a compressed layer: its stored tokens' validity, then causal over the new ones."""
+    bsz, n_heads, q_len, _ = query.shape
+    stored = layer.stored_before
+    if stored == 0 and layer.valid is None:
+        # Nothing stored yet (prefill): transformers' own mask is exactly right.
+        return base_mask
+    new_valid = pad2d[:, -q_len:].to(torch.bool) if pad2d is not None else None
+    if base.startswith("flash"):
+        # Flash attention takes a 2-D padding mask and unpads wherever the holes are.
+        old = layer.row_validity(stored)
+        if old is None and (new_valid is None or bool(new_valid.all())):
+            return None
+        if new_valid is None:
+            new_valid = torch.ones(bsz, q_len, dtype=torch.bool, device=query.device)
+        if old is None:
+            old = torch.ones(bsz, stored, dtype=torch.bool, device=query.device)
+        return torch.cat([old, new_valid], dim=-1)
+    device = query.device
+    if layer.valid is None and q_len == 1 and (new_valid is None or bool(new_valid.all())):
+        return None  # a single query that may see every stored token
+    groups = n_heads // layer.valid.shape[1] if layer.valid is not None else 1
+    if layer.valid is None:
+        old = torch.ones(bsz, 1, q_len, stored, dtype=torch.bool, device=device)
+    else:
+        old = layer.valid.repeat_interleave(groups, dim=1)[:, :, None, :].expand(-1, -1, q_len, -1)
+    new = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()[None, None]
+    if new_valid is not None:
+        new = new & new_valid[:, None, None, :]
+    new = new.expand(bsz, old.shape[1], q_len, q_len)
+    mask = torch.cat([old, new], dim=-1)
+    if base == "eager":
+        zero = torch.zeros((), dtype=query.dtype, device=device)
+        mask = torch.where(mask, zero, torch.finfo(query.dtype).min)
+    return mask
+
+
+def _make_attention(base: str) -> Callable[..., Any]:
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        layer = _take_pending(key)
+        bundle = attention_mask if isinstance(attention_mask, MaskBundle) else None
+        fn = _base_attention(base, module)
+        if layer is None:
+            return fn(module, query, key, value, bundle.base if bundle else attention_mask, **kwargs)
+        if bundle is None and attention_mask is not None and layer.stored_before > 0:
+            raise ValueError(
+                "compresskv: a prepared 4-D attention mask cannot be mapped onto a compressed cache; "
+                "pass the usual 2-D attention_mask (batch, tokens) instead."
+            )
+        layer.check_model(module)
+        pad2d = bundle.pad2d if bundle is not None else None
+        base_mask = bundle.base if bundle is not None else attention_mask
+        mask = _layer_mask(layer, base, query, pad2d, base_mask)
+        out = fn(module, query, key, value, mask, **kwargs)
+        layer.after_attention(module, query, key, value, pad2d, kwargs.get("scaling"))
+        return out
+
+    attention.__name__ = f"{PREFIX}{base}_attention"
+    return attention
+
+
+def _make_mask(base: str) -> Callable[..., Any]:
+    def mask_function(**kwargs: Any) -> MaskBundle:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        pad2d = kwargs.get("attention_mask")
+        return MaskBundle(ALL_MASK_ATTENTION_FUNCTIONS[base], kwargs, pad2d)
+
+    mask_function.__name__ = f"{PREFIX}{base}_mask"
+    return mask_function
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register ``compresskv_<base>`` attention and mask functions with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for base in BASE_BACKENDS:
+        AttentionInterface.register(PREFIX + base, _make_attention(base))
+        AttentionMaskInterface.register(PREFIX + base, _make_mask(base))
+    _registered = True
+
+
+def base_of(attn_implementation: str | None) -> str:
+    """The base backend behind a (possibly compresskv) attention implementation name."""
+    name = attn_implementation or "sdpa"
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
+def install(model: torch.nn.Module) -> str:
+    """Switch ``model`` to compresskv's attention over its current backend; returns the base name.
+
+    Raises a ``ValueError`` naming the allowed backends for any other implementation, and for a
+    model whose attention does not dispatch through transformers' ``AttentionInterface``.
+    """
+    register()
+    config = model.config
+    current = config._attn_implementation
+    base = base_of(current)
+    if base not in BASE_BACKENDS:
+        raise ValueError(
+            f"compresskv: attn_implementation={current!r} is not supported; use one of "
+            f"{list(BASE_BACKENDS)} (load the model with attn_implementation='sdpa', say)."
+        )
+    if base.startswith("flash"):
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as err:  # pragma: no cover - depends on the machine
+            raise ValueError(
+                "compresskv: attn_implementation='flash_attention_2' needs the flash-attn package "
+                "(pip install 'compresskv[flash]'); use 'sdpa' otherwise."
+            ) from err
+    if current == PREFIX + base:
+        return base
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():
+        raise ValueError(
+            f"compresskv: {type(model).__name__} does not route its attention through transformers' "
+            "AttentionInterface, so compresskv cannot hook it. Supported: models whose attention "
+            "follows transformers' standard path (Llama, Mistral, Qwen2, Qwen3, ...)."
+        )
+    if not hasattr(model, "_compresskv_base_attn"):
+        model._compresskv_base_attn = current
+    model.set_attn_implementation(PREFIX + base)
+    return base
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Give ``model`` back the attention implementation it had before :func:`install`."""
+    original = model.__dict__.pop("_compresskv_base_attn", None)
+    if original is not None:
+        model.set_attn_implementation(original)

@@ -1,0 +1,309 @@
+"""The cache foundation: a ``transformers.Cache`` holding one layer object per model layer.
+
+Full-attention layers get a :class:`KVLayer` (or a subclass that compresses); every other layer
+(sliding-window, KV-shared, linear attention) keeps exactly the layer ``DynamicCache`` would give
+it. A :class:`KVLayer` counts tokens *seen* separately from tokens *stored*, keeps a per-KV-head
+validity tensor once stored tokens stop being contiguous real tokens (left padding, eviction), and
+is told by compresskv's attention function when its attention has run, which is when methods
+compress (see :mod:`compresskv.attention`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+
+from .. import attention as _attention
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by the given tensors (``None`` counts as nothing)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class KVLayer(CacheLayerMixin):
+    """An uncompressed full-attention layer that builds its own mask; subclasses compress it.
+
+    Stores ``keys``/``values`` as ``[batch, kv_heads, stored, head_dim]`` (never the
+    ``repeat_kv``-expanded form) and ``valid`` as ``[batch, kv_heads, stored]`` booleans, or
+    ``None`` while every stored token is a real token.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.valid: torch.Tensor | None = None
+        self.seen = 0
+        self.stored_before = 0
+        self.prefilled = False
+        self.expected: tuple[int, int, int] | None = None  # (num_layers, kv_heads, head_dim)
+
+    # -- storage ---------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, dk = key_states.shape
+        self.keys = key_states.new_empty(b, h, 0, dk)
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens and return everything the mask advertises (stored + new)."""
+        if self.expected is not None and key_states.shape[1] != self.expected[1]:
+            raise ValueError(
+                f"compresskv: this cache was built for a model with {self.expected[1]} KV heads per "
+                f"layer, but got keys with {key_states.shape[1]}; create one cache per model."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.stored_before = self.keys.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.seen += key_states.shape[-2]
+        _attention.mark_pending(self, self.keys)
+        return self.keys, self.values
+
+    def after_attention(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        pad2d: torch.Tensor | None,
+        scaling: float | None,
+    ) -> None:
+        """Called by compresskv's attention once this layer's attention has run."""
+        q_len = key.shape[-2] - self.stored_before
+        if pad2d is not None:
+            new = pad2d[:, -q_len:].to(torch.bool)
+            if self.valid is not None or not bool(new.all()):
+                old = self.valid
+                if old is None:
+                    old = torch.ones(
+                        key.shape[0], key.shape[1], self.stored_before, dtype=torch.bool, device=key.device
+                    )
+                self.valid = torch.cat([old, new[:, None, :].expand(-1, key.shape[1], -1)], dim=-1)
+        elif self.valid is not None:
+            ones = torch.ones(key.shape[0], key.shape[1], q_len, dtype=torch.bool, device=key.device)
+            self.valid = torch.cat([self.valid, ones], dim=-1)
+        if not self.prefilled:
+            self.prefilled = True
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            self.compress(module, query, pad2d, scale)
+
+    def compress(
+        self, module: torch.nn.Module, query: torch.Tensor, pad2d: torch.Tensor | None, scaling: float
+    ) -> None:
+        """Compress what the prefill stored. The base layer keeps everything."""
+
+    def check_model(self, module: torch.nn.Module) -> None:
+        if self.expected is not None:
+            n_layers = getattr(module.config, "num_hidden_layers", self.expected[0])
+            if n_layers != self.expected[0]:
+                raise ValueError(
+                    f"compresskv: this cache was built for a model with {self.expected[0]} layers, "
+                    f"but is used with one of {n_layers}; create one cache per model."
+                )
+
+    def row_validity(self, stored: int) -> torch.Tensor | None:
+        """``[batch, stored]`` validity when it is the same for every KV head (flash attention)."""
+        if self.valid is None:
+            return None
+        if not bool((self.valid == self.valid[:, :1]).all()):
+            raise ValueError(
+                "compresskv: this cache kept different tokens per KV head under padding, which "
+                "flash_attention_2 cannot mask; use attn_implementation='sdpa'."
+            )
+        return self.valid[:, 0, :stored]
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the stored tokens at ``index`` (``[batch, kv_heads, n]``, ascending)."""
+        gather = index[..., None]
+        self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
+        if self.valid is not None:
+            self.valid = self.valid.gather(2, index)
+            if bool(self.valid.all()):
+                self.valid = None
+
+    # -- what transformers asks --------------------------------------------------------------
+    def stored(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized and self.keys is not None else 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.stored()
+        return stored + query_length, self.seen - stored
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds."""
+        return tensor_bytes(self.keys, self.values, self.valid)
+
+    def reset(self) -> None:
+        self.keys = self.values = self.valid = None
+        self.is_initialized = False
+        self.seen = self.stored_before = 0
+        self.prefilled = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError(
+            f"compresskv: {type(self).__name__} cannot be cropped (compressed tokens cannot be "
+            "un-seen); assisted/speculative decoding needs a croppable cache such as DynamicCache."
+        )
+
+    def _select_batch(self, fn: Any) -> None:
+        if self.is_initialized and self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+            if self.valid is not None:
+                self.valid = fn(self.valid)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def offload(self) -> None:
+        super().offload()
+        if self.valid is not None:
+            self.valid = self.valid.to("cpu", non_blocking=True)
+
+    def prefetch(self) -> None:
+        super().prefetch()
+        if self.valid is not None and self.valid.device != self.device:
+            self.valid = self.valid.to(self.device, non_blocking=True)
+
+
+@dataclass
+class CacheStats:
+    """What a compressed cache holds, measured from its tensors."""
+
+    method: str
+    tokens_seen: int
+    tokens_stored: list[int | None] = field(default_factory=list)
+    nbytes: int = 0
+    uncompressed_nbytes: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """Bytes held / bytes a ``DynamicCache`` would hold for the same tokens."""
+        return self.nbytes / self.uncompressed_nbytes if self.uncompressed_nbytes else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+def _plain_layers(model: torch.nn.Module) -> list[Any]:
+    """The layers transformers' ``DynamicCache`` would build for this model."""
+    cache = DynamicCache(config=model.config)
+    return list(cache.layers)
+
+
+def text_config(model: torch.nn.Module) -> Any:
+    return model.config.get_text_config(decoder=True)
+
+
+class CompressedCache(Cache):
+    """Base of compresskv's caches: a ``Cache`` whose full-attention layers are :class:`KVLayer`s.
+
+    Subclasses implement :meth:`make_layer` to build the layer for the ``rank``-th full-attention
+    layer (of ``n_full``). Creating a cache installs compresskv's attention on ``model``
+    (:func:`compresskv.attention.install`); that attention computes exactly what the model's own
+    did for any layer that is not compressed.
+    """
+
+    method = "full"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        config = text_config(model)
+        self.base_attention = _attention.install(model)
+        plain = _plain_layers(model)
+        full = [i for i, layer in enumerate(plain) if type(layer) is DynamicLayer]
+        if not full:
+            raise ValueError(
+                f"compresskv: {type(model).__name__} has no full-attention layer to compress "
+                "(all its layers are sliding-window, shared or linear)."
+            )
+        self.full_layers = full
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_kv_heads, self.head_dim = kv_heads, head_dim
+        expected = (config.num_hidden_layers, kv_heads, head_dim)
+        layers: list[Any] = list(plain)
+        for rank, idx in enumerate(full):
+            layer = self.make_layer(rank, len(full))
+            layer.expected = expected
+            layers[idx] = layer
+        super().__init__(layers=layers)
+
+    def make_layer(self, rank: int, n_full: int) -> KVLayer:
+        return KVLayer()
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx >= len(self.layers):
+            raise ValueError(
+                f"compresskv: this cache has {len(self.layers)} layers but layer_idx={layer_idx} was "
+                "updated; it was built for another model. Create one cache per model."
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
+
+    # -- measurement -------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds, all layers included."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, KVLayer):
+                total += layer.nbytes()
+            else:
+                total += tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
+        return total
+
+    def uncompressed_nbytes(self) -> int:
+        """Bytes a ``DynamicCache`` would hold for the same tokens in the same dtype."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, KVLayer):
+                if layer.is_initialized and layer.keys is not None:
+                    b = layer.keys.shape[0]
+                    per_token = self.num_kv_heads * (layer.keys.shape[-1] + layer.values.shape[-1])
+                    total += b * layer.seen * per_token * layer.keys.element_size()
+            else:
+                total += tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
+        return total
+
+    def stats(self) -> CacheStats:
+        """Tokens seen, tokens stored per layer (``None`` for layers that hold none), bytes held
+        and the ratio to an uncompressed cache of the same tokens."""
+        stored: list[int | None] = []
+        for layer in self.layers:
+            keys = getattr(layer, "keys", None)
+            stored.append(int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None)
+        return CacheStats(
+            method=self.method,
+            tokens_seen=self.get_seq_length(self.full_layers[0]),
+            tokens_stored=stored,
+            nbytes=self.nbytes(),
+            uncompressed_nbytes=self.uncompressed_nbytes(),
+        )

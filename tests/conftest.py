@@ -1,0 +1,91 @@
+"""Tiny random-weight models built from configs (fp32, CPU), shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+ATTENTIONS = ("eager", "sdpa")
+VOCAB = 96
+
+
+def tiny_config(family: str = "llama", layers: int = 4, kv_heads: int = 2, heads: int = 4, **extra):
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    common.update(extra)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**{"use_sliding_window": False, **common})
+    if family == "qwen3":
+        return Qwen3Config(**{"head_dim": 16, "use_sliding_window": False, **common})
+    if family == "mistral":
+        return MistralConfig(**{"sliding_window": None, **common})
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    config = tiny_config(family, **kwargs)
+    config._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    # Random init gives near-uniform attention; sharpen it so that eviction choices matter.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    return model
+
+
+def batch_inputs(batch: int, length: int = 48, seed: int = 1):
+    """Token ids with left padding (row i padded by 7·i tokens) and their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(batch):
+        mask[row, : 7 * row] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def greedy(model, ids, mask, cache, new_tokens: int = 6):
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def dynamic(model):
+    return DynamicCache(config=model.config)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+    yield
