@@ -141,6 +141,30 @@ def _layer_mask(
     return mask
 
 
+@dataclass
+class AttentionCall:
+    """One attention call of a compressed layer, as compresskv's attention function saw it.
+
+    ``query`` is post-RoPE, ``[batch, q_heads, q_len, head_dim]``; ``key``/``value`` are what the
+    layer's ``update()`` returned; ``pad2d`` is the ``[batch, seen + q_len]`` padding mask (or
+    ``None``); ``kwargs`` are the model's extra attention arguments (``position_ids`` among them
+    for the standard decoder layers).
+    """
+
+    module: torch.nn.Module
+    query: torch.Tensor
+    key: Any
+    value: Any
+    pad2d: torch.Tensor | None
+    scaling: float
+    base: str
+    kwargs: dict[str, Any]
+
+    @property
+    def position_ids(self) -> torch.Tensor | None:
+        return self.kwargs.get("position_ids")
+
+
 def _make_attention(base: str) -> Callable[..., Any]:
     def attention(
         module: torch.nn.Module,
@@ -162,10 +186,13 @@ def _make_attention(base: str) -> Callable[..., Any]:
             )
         layer.check_model(module)
         pad2d = bundle.pad2d if bundle is not None else None
-        base_mask = bundle.base if bundle is not None else attention_mask
-        mask = _layer_mask(layer, base, query, pad2d, base_mask)
-        out = fn(module, query, key, value, mask, **kwargs)
-        layer.after_attention(module, query, key, value, pad2d, kwargs.get("scaling"))
+        scaling = kwargs.get("scaling")
+        call = AttentionCall(
+            module, query, key, value, pad2d, scaling if scaling is not None else query.shape[-1] ** -0.5, base, kwargs
+        )
+        mask = _layer_mask(layer, base, query, pad2d, bundle.base if bundle is not None else attention_mask)
+        out = layer.attend(call, fn, mask)
+        layer.after_attention(call)
         return out
 
     attention.__name__ = f"{PREFIX}{base}_attention"

@@ -18,6 +18,7 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from .. import attention as _attention
+from ..attention import AttentionCall
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -71,38 +72,35 @@ class KVLayer(CacheLayerMixin):
         _attention.mark_pending(self, self.keys)
         return self.keys, self.values
 
-    def after_attention(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        pad2d: torch.Tensor | None,
-        scaling: float | None,
-    ) -> None:
-        """Called by compresskv's attention once this layer's attention has run."""
-        q_len = key.shape[-2] - self.stored_before
-        if pad2d is not None:
-            new = pad2d[:, -q_len:].to(torch.bool)
+    def attend(self, call: AttentionCall, fn: Any, mask: Any) -> tuple[torch.Tensor, Any]:
+        """Compute this layer's attention. The base runs the model's backend ``fn`` on what
+        ``update()`` returned, under ``mask``; a layer that stores a latent form can override this
+        to attend in the latent space instead."""
+        return fn(call.module, call.query, call.key, call.value, mask, **call.kwargs)
+
+    def after_attention(self, call: AttentionCall) -> None:
+        """Called by compresskv's attention once this layer's attention has run: records the new
+        tokens' validity, then compresses once after prefill."""
+        bsz, _, q_len, _ = call.query.shape
+        n_kv = self.expected[1] if self.expected is not None else call.query.shape[1]
+        device = call.query.device
+        if call.pad2d is not None:
+            new = call.pad2d[:, -q_len:].to(torch.bool)
             if self.valid is not None or not bool(new.all()):
                 old = self.valid
                 if old is None:
-                    old = torch.ones(
-                        key.shape[0], key.shape[1], self.stored_before, dtype=torch.bool, device=key.device
-                    )
-                self.valid = torch.cat([old, new[:, None, :].expand(-1, key.shape[1], -1)], dim=-1)
+                    old = torch.ones(bsz, n_kv, self.stored_before, dtype=torch.bool, device=device)
+                self.valid = torch.cat([old, new[:, None, :].expand(-1, n_kv, -1)], dim=-1)
         elif self.valid is not None:
-            ones = torch.ones(key.shape[0], key.shape[1], q_len, dtype=torch.bool, device=key.device)
+            ones = torch.ones(bsz, n_kv, q_len, dtype=torch.bool, device=device)
             self.valid = torch.cat([self.valid, ones], dim=-1)
         if not self.prefilled:
             self.prefilled = True
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            self.compress(module, query, pad2d, scale)
+            self.compress(call)
 
-    def compress(
-        self, module: torch.nn.Module, query: torch.Tensor, pad2d: torch.Tensor | None, scaling: float
-    ) -> None:
-        """Compress what the prefill stored. The base layer keeps everything."""
+    def compress(self, call: AttentionCall) -> None:
+        """Compress what the prefill stored (runs once, right after prefill attention). The base
+        layer keeps everything."""
 
     def check_model(self, module: torch.nn.Module) -> None:
         if self.expected is not None:

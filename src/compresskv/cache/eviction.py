@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..attention import AttentionCall
 from .base import CompressedCache, KVLayer
 
 Pooling = Literal["maxpool", "avgpool"]
@@ -125,9 +126,7 @@ class EvictionLayer(KVLayer):
         super().__init__()
         self.policy, self.rank, self.n_full = policy, rank, n_full
 
-    def compress(
-        self, module: torch.nn.Module, query: torch.Tensor, pad2d: torch.Tensor | None, scaling: float
-    ) -> None:
+    def compress(self, call: AttentionCall) -> None:
         seq_len = self.keys.shape[-2]
         plan = self.policy.plan(seq_len, self.rank, self.n_full)
         if plan is None:
@@ -135,7 +134,7 @@ class EvictionLayer(KVLayer):
         n_keep, window = plan
         if n_keep >= seq_len:
             return
-        scores = self.policy.scores(query, self.keys, pad2d, window, scaling)
+        scores = self.policy.scores(call.query, self.keys, call.pad2d, window, call.scaling)
         bsz, n_kv = self.keys.shape[:2]
         top = scores.topk(n_keep - window, dim=-1).indices.sort(dim=-1).values
         recent = torch.arange(seq_len - window, seq_len, device=top.device).expand(bsz, n_kv, window)
