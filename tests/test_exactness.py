@@ -41,3 +41,34 @@ def test_installed_attention_is_transparent_for_dynamic_cache():
     after = greedy(model, ids, mask, dynamic(model))
     assert torch.equal(before[0], after[0])
     assert (before[1] - after[1]).abs().max().item() == 0.0
+
+
+def _has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_flash_attn(), reason="flash-attn is not installed (pip install 'compresskv[flash]')")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_flash_attention_2_matches_dynamic_cache(batch):
+    model = tiny_model("llama", "sdpa").to("cuda", torch.bfloat16)
+    model.set_attn_implementation("flash_attention_2")
+    ids, mask = batch_inputs(batch)
+    ids, mask = ids.cuda(), mask.cuda()
+    ref_seq, ref_logits = greedy(model, ids, mask, dynamic(model))
+    seq, logits = greedy(model, ids, mask, compresskv.PyramidKVCache(model, budget=64, window_size=8))
+    assert torch.equal(seq, ref_seq)
+    assert (logits.float() - ref_logits.float()).abs().max().item() <= 2e-2
+
+
+def test_flash_attention_2_without_flash_attn_is_a_clear_error():
+    if _has_flash_attn():
+        pytest.skip("flash-attn is installed here")
+    model = tiny_model("llama", "sdpa")
+    model.config._attn_implementation_internal = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash-attn"):
+        compresskv.SnapKVCache(model, budget=64)

@@ -146,6 +146,8 @@ class KVLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    get_max_cache_shape = get_max_length  # its name before transformers 5.16
+
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds."""
         return tensor_bytes(self.keys, self.values, self.valid)
@@ -262,6 +264,11 @@ class CompressedCache(Cache):
                 "updated; it was built for another model. Create one cache per model."
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def is_croppable(self) -> bool:
+        """Compressed layers cannot roll back (also defined for transformers < 5.16)."""
+        return all(getattr(layer, "is_croppable", False) for layer in self.layers)
 
     def crop(self, tokens_to_remove: int) -> None:
         for layer in self.layers:
