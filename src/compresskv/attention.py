@@ -78,6 +78,7 @@ class MaskBundle:
     pad2d: torch.Tensor | None
     _base: Any = field(default=None, repr=False)
     _built: bool = field(default=False, repr=False)
+    _new: dict[int, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     @property
     def base(self) -> Any:
@@ -85,6 +86,14 @@ class MaskBundle:
             self._base = self.base_fn(**self.kwargs)
             self._built = True
         return self._base
+
+    def new_valid(self, q_len: int) -> torch.Tensor | None:
+        """``[batch, q_len]`` validity of this forward's new tokens, ``None`` when all are real.
+        Computed once per forward: the check is a host sync, not to be paid per layer."""
+        if q_len not in self._new:
+            new = self.pad2d[:, -q_len:].to(torch.bool) if self.pad2d is not None else None
+            self._new[q_len] = None if new is None or bool(new.all()) else new
+        return self._new[q_len]
 
 
 def _base_attention(base: str, module: torch.nn.Module) -> Callable[..., Any]:
@@ -102,40 +111,34 @@ def _base_attention(base: str, module: torch.nn.Module) -> Callable[..., Any]:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
-def _layer_mask(
-    layer: "KVLayer", base: str, query: torch.Tensor, pad2d: torch.Tensor | None, base_mask: Any
-) -> Any:
+def _layer_mask(layer: "KVLayer", call: "AttentionCall", base_mask: Any) -> Any:
     """The mask of a compressed layer: its stored tokens' validity, then causal over the new ones."""
+    query, new_valid = call.query, call.new_valid
     bsz, n_heads, q_len, _ = query.shape
     stored = layer.stored_before
     if stored == 0 and layer.valid is None:
         # Nothing stored yet (prefill): transformers' own mask is exactly right.
         return base_mask
-    new_valid = pad2d[:, -q_len:].to(torch.bool) if pad2d is not None else None
-    if base.startswith("flash"):
+    device = query.device
+    if call.base.startswith("flash"):
         # Flash attention takes a 2-D padding mask and unpads wherever the holes are.
         old = layer.row_validity(stored)
-        if old is None and (new_valid is None or bool(new_valid.all())):
+        if old is None and new_valid is None:
             return None
-        if new_valid is None:
-            new_valid = torch.ones(bsz, q_len, dtype=torch.bool, device=query.device)
-        if old is None:
-            old = torch.ones(bsz, stored, dtype=torch.bool, device=query.device)
-        return torch.cat([old, new_valid], dim=-1)
-    device = query.device
-    if layer.valid is None and q_len == 1 and (new_valid is None or bool(new_valid.all())):
+        ones = lambda n: torch.ones(bsz, n, dtype=torch.bool, device=device)  # noqa: E731
+        return torch.cat([old if old is not None else ones(stored), new_valid if new_valid is not None else ones(q_len)], -1)
+    if layer.valid is None and q_len == 1 and new_valid is None:
         return None  # a single query that may see every stored token
-    groups = n_heads // layer.valid.shape[1] if layer.valid is not None else 1
     if layer.valid is None:
         old = torch.ones(bsz, 1, q_len, stored, dtype=torch.bool, device=device)
     else:
+        groups = n_heads // layer.valid.shape[1]
         old = layer.valid.repeat_interleave(groups, dim=1)[:, :, None, :].expand(-1, -1, q_len, -1)
     new = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()[None, None]
     if new_valid is not None:
         new = new & new_valid[:, None, None, :]
-    new = new.expand(bsz, old.shape[1], q_len, q_len)
-    mask = torch.cat([old, new], dim=-1)
-    if base == "eager":
+    mask = torch.cat([old, new.expand(bsz, old.shape[1], q_len, q_len)], dim=-1)
+    if call.base == "eager":
         zero = torch.zeros((), dtype=query.dtype, device=device)
         mask = torch.where(mask, zero, torch.finfo(query.dtype).min)
     return mask
@@ -147,8 +150,9 @@ class AttentionCall:
 
     ``query`` is post-RoPE, ``[batch, q_heads, q_len, head_dim]``; ``key``/``value`` are what the
     layer's ``update()`` returned; ``pad2d`` is the ``[batch, seen + q_len]`` padding mask (or
-    ``None``); ``kwargs`` are the model's extra attention arguments (``position_ids`` among them
-    for the standard decoder layers).
+    ``None``); ``new_valid`` is the ``[batch, q_len]`` validity of the new tokens, ``None`` when
+    all are real; ``kwargs`` are the model's extra attention arguments (``position_ids`` among
+    them for the standard decoder layers).
     """
 
     module: torch.nn.Module
@@ -159,6 +163,7 @@ class AttentionCall:
     scaling: float
     base: str
     kwargs: dict[str, Any]
+    new_valid: torch.Tensor | None = None
 
     @property
     def position_ids(self) -> torch.Tensor | None:
@@ -188,9 +193,17 @@ def _make_attention(base: str) -> Callable[..., Any]:
         pad2d = bundle.pad2d if bundle is not None else None
         scaling = kwargs.get("scaling")
         call = AttentionCall(
-            module, query, key, value, pad2d, scaling if scaling is not None else query.shape[-1] ** -0.5, base, kwargs
+            module,
+            query,
+            key,
+            value,
+            pad2d,
+            scaling if scaling is not None else query.shape[-1] ** -0.5,
+            base,
+            kwargs,
+            bundle.new_valid(query.shape[-2]) if bundle is not None else None,
         )
-        mask = _layer_mask(layer, base, query, pad2d, bundle.base if bundle is not None else attention_mask)
+        mask = _layer_mask(layer, call, bundle.base if bundle is not None else attention_mask)
         out = layer.attend(call, fn, mask)
         layer.after_attention(call)
         return out

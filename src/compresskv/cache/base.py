@@ -83,17 +83,15 @@ class KVLayer(CacheLayerMixin):
         tokens' validity, then compresses once after prefill."""
         bsz, _, q_len, _ = call.query.shape
         n_kv = self.expected[1] if self.expected is not None else call.query.shape[1]
-        device = call.query.device
-        if call.pad2d is not None:
-            new = call.pad2d[:, -q_len:].to(torch.bool)
-            if self.valid is not None or not bool(new.all()):
-                old = self.valid
-                if old is None:
-                    old = torch.ones(bsz, n_kv, self.stored_before, dtype=torch.bool, device=device)
-                self.valid = torch.cat([old, new[:, None, :].expand(-1, n_kv, -1)], dim=-1)
-        elif self.valid is not None:
-            ones = torch.ones(bsz, n_kv, q_len, dtype=torch.bool, device=device)
-            self.valid = torch.cat([self.valid, ones], dim=-1)
+        if call.new_valid is not None or self.valid is not None:
+            device = call.query.device
+            old = self.valid
+            if old is None:
+                old = torch.ones(bsz, n_kv, self.stored_before, dtype=torch.bool, device=device)
+            new = call.new_valid
+            if new is None:
+                new = torch.ones(bsz, q_len, dtype=torch.bool, device=device)
+            self.valid = torch.cat([old, new[:, None, :].expand(-1, n_kv, -1)], dim=-1)
         if not self.prefilled:
             self.prefilled = True
             self.compress(call)
