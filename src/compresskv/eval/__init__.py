@@ -1,5 +1,32 @@
-"""Evaluation: long-context tasks generated locally, scored against DynamicCache in the same run."""
+"""Evaluation: long-context tasks generated locally (in the spirit of RULER), long-text
+perplexity with the prefix in the cache, memory and speed, always against ``DynamicCache`` in
+the same run; and the ``compresskv bench`` driver that writes JSON lines, a table and a plot."""
 
-from .needle import NeedleTask, make_needle_task, run_needle
+from .bench import BenchConfig, aggregate, plot, run_bench, table_markdown
+from .measure import PeakMemory, cache_nbytes, run_task
+from .needle import NeedleTask, dynamic_cache_nbytes, make_needle_task, run_needle
+from .perplexity import PerplexityTask, load_text, make_perplexity_task, run_perplexity
+from .tasks import Task, available_tasks, make_task, score_all
 
-__all__ = ["NeedleTask", "make_needle_task", "run_needle"]
+__all__ = [
+    "BenchConfig",
+    "NeedleTask",
+    "PeakMemory",
+    "PerplexityTask",
+    "Task",
+    "aggregate",
+    "available_tasks",
+    "cache_nbytes",
+    "dynamic_cache_nbytes",
+    "load_text",
+    "make_needle_task",
+    "make_perplexity_task",
+    "make_task",
+    "plot",
+    "run_bench",
+    "run_needle",
+    "run_perplexity",
+    "run_task",
+    "score_all",
+    "table_markdown",
+]

@@ -1,0 +1,443 @@
+"""``compresskv bench``: every method at every compression ratio on every task, against an
+uncompressed ``DynamicCache`` in the same run; resumable JSON lines, a Markdown table and a plot.
+
+One *row* is one (task, seed, method, ratio) run; the ``full`` method is the plain model with a
+transformers ``DynamicCache`` (compresskv's attention uninstalled), run first for every
+(task, seed). Rows are appended to ``<out>.jsonl`` as soon as they finish; rerunning the same
+command skips the rows already there (rows that failed are retried). Every ratio in the table is
+taken pairwise against the full-cache row of the same task and seed.
+
+A method is benchmarked when it can be built from ``compression_ratio`` alone (the fraction of
+the prompt's cache removed); the others are skipped with a printed note.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+FULL = "full"
+PERPLEXITY = "perplexity"
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+@dataclass
+class BenchConfig:
+    """What to run. ``tasks`` are names from :func:`~compresskv.eval.available_tasks` plus
+    ``"perplexity"`` (which needs ``text``); ``out`` is the output stem (``.jsonl``, ``.md``,
+    ``.png`` are added)."""
+
+    methods: list[str]
+    ratios: list[float]
+    tasks: list[str]
+    length: int = 4096
+    seeds: list[int] = field(default_factory=lambda: [0])
+    out: Path = Path("benchmarks/results/bench")
+    model: str = "smollm2-135m-instruct"
+    text: str | None = None
+    haystack: str | None = None
+    continuation: int = 512
+    command: str = ""
+
+
+def row_key(model: str, length: int, task: str, seed: int, method: str, ratio: float, source: str | None) -> str:
+    """The identity of a row: a rerun skips rows whose key is already in the JSON lines."""
+    return json.dumps([model, length, task, seed, method, round(float(ratio), 6), source])
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (a missing file has none; a torn last line is ignored)."""
+    rows: list[dict[str, Any]] = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "compresskv": __version__,
+        "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def usable_methods(model: Any, methods: Sequence[str], ratios: Sequence[float], log: Callable[[str], None] = print) -> list[str]:
+    """The methods that can be built from ``compression_ratio`` alone at every ratio; a note is
+    logged for each one skipped."""
+    from ..attention import uninstall
+    from ..patching import available_methods, make_cache, method_options
+
+    ok = []
+    for method in methods:
+        if method not in available_methods():
+            log(f"note: skipping {method!r}: not a registered method (available: {available_methods()})")
+            continue
+        if "compression_ratio" not in method_options(method):
+            log(f"note: skipping {method!r}: it does not take compression_ratio (options: {method_options(method)})")
+            continue
+        try:
+            for ratio in ratios:
+                make_cache(model, method, compression_ratio=ratio)
+        except Exception as err:  # noqa: BLE001 - any failure to build means: not benchmarkable this way
+            log(f"note: skipping {method!r}: cannot be built from compression_ratio alone ({type(err).__name__}: {err})")
+            continue
+        ok.append(method)
+    uninstall(model)
+    return ok
+
+
+def run_bench(
+    model: Any, tokenizer: Any, config: BenchConfig, log: Callable[[str], None] | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) the benchmark described by ``config``; write ``<out>.jsonl``, ``<out>.md``
+    and ``<out>.png`` (the plot needs matplotlib: ``pip install 'compresskv[bench]'``). Returns
+    ``{"rows", "table", "skipped", "paths"}``."""
+    from tqdm.auto import tqdm
+
+    from ..attention import uninstall
+    from ..patching import make_cache
+    from .measure import run_task
+    from .perplexity import load_text, make_perplexity_task, run_perplexity, tokenize_text
+    from .tasks import available_tasks, make_task
+
+    say = log or tqdm.write
+    unknown = [t for t in config.tasks if t != PERPLEXITY and t not in available_tasks()]
+    if unknown:
+        raise ValueError(f"compresskv bench: unknown tasks {unknown}; choose from {available_tasks() + [PERPLEXITY]}")
+    if PERPLEXITY in config.tasks and not config.text:
+        raise ValueError("compresskv bench: the perplexity task needs a text (--text PATH or hf:NAME)")
+    device = next(model.parameters()).device
+    skipped = [m for m in config.methods]
+    methods = usable_methods(model, config.methods, config.ratios, log=say)
+    skipped = [m for m in skipped if m not in methods]
+    runs = [(FULL, 0.0)] + [(m, float(r)) for m in methods for r in config.ratios]
+
+    jsonl = Path(str(config.out) + ".jsonl")
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    done = {r["key"] for r in read_rows(jsonl) if not r.get("error")}
+    haystack_text = Path(config.haystack).read_text(encoding="utf-8", errors="replace") if config.haystack else None
+    text_ids: list[int] | None = None
+
+    def source(task: str) -> str | None:
+        if task == PERPLEXITY:
+            return f"{config.text}+{config.continuation}"
+        return config.haystack
+
+    plan = [
+        (task, seed, method, ratio)
+        for task in config.tasks
+        for seed in config.seeds
+        for method, ratio in runs
+    ]
+    keys = {p: row_key(config.model, config.length, p[0], p[1], p[2], p[3], source(p[0])) for p in plan}
+    pending = [p for p in plan if keys[p] not in done]
+    bar = tqdm(total=len(plan), initial=len(plan) - len(pending), desc="bench", unit="run", disable=not progress)
+    if pending:
+        with torch.inference_mode():  # warm-up, so that the first timed run is not penalised
+            model(input_ids=torch.ones(1, 32, dtype=torch.long, device=device))
+    current: tuple[str, int] | None = None
+    task_obj: Any = None
+    for p in pending:
+        task, seed, method, ratio = p
+        bar.set_postfix_str(f"{task} seed={seed} {method} {ratio:g}")
+        if current != (task, seed):
+            if task == PERPLEXITY:
+                if text_ids is None:
+                    need = (config.length + config.continuation) * 8
+                    text_ids = tokenize_text(tokenizer, load_text(config.text, min_chars=need))  # type: ignore[arg-type]
+                task_obj = make_perplexity_task(tokenizer, text_ids, config.length, config.continuation, seed)
+            else:
+                task_obj = make_task(task, tokenizer, config.length, seed=seed, haystack=haystack_text)
+            current = (task, seed)
+        row: dict[str, Any] = {
+            "key": keys[p], "model": config.model, "length": config.length, "task": task, "seed": seed,
+            "method": method, "ratio": ratio, "source": source(task),
+        }
+        start = time.perf_counter()
+        try:
+            if method == FULL:
+                uninstall(model)  # the baseline is the model exactly as loaded
+                cache = None
+            else:
+                cache = make_cache(model, method, compression_ratio=ratio)
+            if task == PERPLEXITY:
+                result = run_perplexity(model, task_obj, cache)
+                result["score"] = None
+            else:
+                result = run_task(model, tokenizer, task_obj, cache)
+                result["expected"] = task_obj.answers
+            if cache is not None and hasattr(cache, "stats"):
+                stored = [n for n in cache.stats().tokens_stored if n is not None]
+                if stored:
+                    result["stored_min"], result["stored_max"] = min(stored), max(stored)
+            row.update(result)
+        except Exception as err:  # noqa: BLE001 - record it, go on, retry on the next run
+            row["error"] = f"{type(err).__name__}: {err}"
+            from ..attention import clear_pending
+
+            clear_pending()
+        row["seconds"] = time.perf_counter() - start
+        row["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        row["machine"] = _machine(device)
+        with jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if row.get("error"):
+            say(f"{task} seed={seed} {method} {ratio:g}: ERROR {row['error']}")
+        elif task == PERPLEXITY:
+            say(f"{task} seed={seed} {method:>13} {ratio:<6g} ppl={row['ppl']:.3f} prefill={row['prefill_s']:.1f}s")
+        else:
+            say(f"{task} seed={seed} {method:>13} {ratio:<6g} score={row['score']:.2f} "
+                f"prefill={row['prefill_s']:.1f}s {row['answer'][:60]!r}")
+        bar.update()
+    bar.close()
+    uninstall(model)
+
+    wanted = set(keys.values())
+    rows = [r for r in read_rows(jsonl) if r.get("key") in wanted]
+    latest: dict[str, dict[str, Any]] = {}
+    for r in rows:  # the last successful row of each key wins
+        if not r.get("error") or r["key"] not in latest:
+            latest[r["key"]] = r
+    rows = list(latest.values())
+    table = aggregate(rows, config.tasks, [FULL] + methods, config.ratios)
+    md_path = Path(str(config.out) + ".md")
+    md_path.write_text(markdown(rows, table, config, skipped))
+    png_path: Path | None = Path(str(config.out) + ".png")
+    try:
+        plot(table, config.tasks, png_path, title=f"{config.model}, ~{config.length} tokens")
+    except ImportError:
+        say("note: no plot written (matplotlib is missing: pip install 'compresskv[bench]')")
+        png_path = None
+    return {"rows": rows, "table": table, "skipped": skipped, "paths": [jsonl, md_path, png_path]}
+
+
+# -- the table ---------------------------------------------------------------------------------
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.mean(vals) if vals else None
+
+
+def aggregate(rows: Sequence[dict[str, Any]], tasks: Sequence[str], methods: Sequence[str], ratios: Sequence[float]) -> list[dict[str, Any]]:
+    """One entry per (method, ratio) with rows: per-task score (0-100, mean over seeds),
+    ``avg`` over the non-perplexity tasks, ``ppl`` (exp of the mean loss), and the ratios to the
+    full-cache row of the same task and seed (bytes after prefill, peaks, prefill time, decode
+    speed) plus the absolute means."""
+    good = [r for r in rows if not r.get("error")]
+    full = {(r["task"], r["seed"]): r for r in good if r["method"] == FULL}
+
+    def paired(group: list[dict[str, Any]], name: str, only_tasks: bool = False) -> float | None:
+        use = [r for r in group if r["task"] != PERPLEXITY] if only_tasks else group
+        if only_tasks and not use:
+            use = group
+        vals = []
+        for r in use:
+            base = full.get((r["task"], r["seed"]), {}).get(name)
+            if r.get(name) is not None and base:
+                vals.append(r[name] / base)
+        return _mean(vals)
+
+    table = []
+    combos = [(FULL, 0.0)] + [(m, float(r)) for m in methods if m != FULL for r in ratios]
+    for method, ratio in combos:
+        group = [r for r in good if r["method"] == method and abs(r["ratio"] - ratio) < 1e-9]
+        errors = sum(1 for r in rows if r.get("error") and r["method"] == method and abs(r["ratio"] - ratio) < 1e-9)
+        if not group and not errors:
+            continue
+        entry: dict[str, Any] = {"method": method, "ratio": ratio, "runs": len(group), "errors": errors, "scores": {}}
+        for task in tasks:
+            sub = [r for r in group if r["task"] == task]
+            if not sub:
+                continue
+            if task == PERPLEXITY:
+                entry["ppl"] = math.exp(statistics.mean(r["nll"] for r in sub))
+            else:
+                entry["scores"][task] = 100.0 * statistics.mean(r["score"] for r in sub)
+        entry["avg"] = _mean(entry["scores"].values()) if entry["scores"] else None
+        entry["cache_bytes"] = _mean(r.get("cache_bytes_prefill") for r in group)
+        entry["bytes_vs_full"] = paired(group, "cache_bytes_prefill")
+        entry["peak_prefill_bytes"] = _mean(r.get("peak_prefill_bytes") for r in group)
+        entry["peak_decode_bytes"] = _mean(r.get("peak_decode_bytes") for r in group)
+        entry["peak_prefill_vs_full"] = paired(group, "peak_prefill_bytes")
+        entry["peak_decode_vs_full"] = paired(group, "peak_decode_bytes")
+        entry["prefill_s"] = _mean(r.get("prefill_s") for r in group)
+        entry["prefill_vs_full"] = paired(group, "prefill_s")
+        gen = [r for r in group if r["task"] != PERPLEXITY] or group
+        entry["decode_tok_s"] = _mean(r.get("decode_tok_s") for r in gen)
+        entry["decode_vs_full"] = paired(group, "decode_tok_s", only_tasks=True)
+        table.append(entry)
+    return table
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def table_markdown(table: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
+    """The Markdown table of :func:`aggregate`'s entries (scores 0-100, higher is better;
+    perplexity lower is better; every "vs full" is a ratio to the DynamicCache rows)."""
+    score_tasks = [t for t in tasks if t != PERPLEXITY]
+    cols = ["method", "ratio", "cache MiB", "bytes vs full", *score_tasks]
+    if len(score_tasks) > 1:
+        cols.append("avg")
+    if PERPLEXITY in tasks:
+        cols.append("ppl")
+    cols += ["peak prefill vs full", "peak decode vs full", "prefill vs full", "decode vs full"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join([":---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    for e in table:
+        cells = [
+            "DynamicCache (full)" if e["method"] == FULL else e["method"],
+            f"{e['ratio']:g}",
+            _fmt(e["cache_bytes"] / 2**20 if e["cache_bytes"] is not None else None, ".2f"),
+            _fmt(e["bytes_vs_full"], ".3f"),
+        ]
+        cells += [_fmt(e["scores"].get(t), ".1f") for t in score_tasks]
+        if len(score_tasks) > 1:
+            cells.append(_fmt(e["avg"], ".1f"))
+        if PERPLEXITY in tasks:
+            cells.append(_fmt(e.get("ppl"), ".3f"))
+        cells += [
+            _fmt(e["peak_prefill_vs_full"], ".2f"), _fmt(e["peak_decode_vs_full"], ".2f"),
+            _fmt(e["prefill_vs_full"], ".2f"), _fmt(e["decode_vs_full"], ".2f"),
+        ]
+        if e["errors"]:
+            cells[0] += f" ({e['errors']} failed)"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(rows: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], config: BenchConfig, skipped: Sequence[str] = ()) -> str:
+    """The results page: what was run, on what machine, the table, the baseline's absolute figures."""
+    good = [r for r in rows if not r.get("error")]
+    machine = good[-1]["machine"] if good else {}
+    lengths = sorted({r["tokens"] for r in good if r.get("tokens")})
+    seconds = sum(r.get("seconds", 0.0) for r in rows)
+    full = next((e for e in table if e["method"] == FULL), None)
+    stem = Path(str(config.out)).name
+    out = [
+        f"Model `{config.model}`, prompts of ~{config.length} tokens "
+        f"(measured {lengths[0]}–{lengths[-1]})" if lengths else f"Model `{config.model}`",
+        f"; tasks {', '.join(config.tasks)}; seeds {', '.join(map(str, config.seeds))}; "
+        f"compression ratios {', '.join(f'{r:g}' for r in config.ratios)} (fraction of the prompt's cache removed).",
+    ]
+    lines = [
+        "# compresskv bench: accuracy, perplexity, memory and speed vs compression ratio",
+        "",
+        "".join(out),
+        "",
+        "Scores are RULER-style (0–100, share of the expected strings in the greedy answer, mean over seeds); "
+        "`ppl` is the perplexity of the continuation with the prefix held in the cache. Every *vs full* column "
+        "is the mean of per-prompt ratios to the uncompressed `DynamicCache` run on the same prompt in the same "
+        "benchmark: cache bytes measured right after prefill, peak memory added during prefill and during "
+        "decoding (process RSS on CPU, `max_memory_allocated` on CUDA; model weights excluded), prefill time "
+        "and decode tokens/s.",
+        "",
+        table_markdown(table, config.tasks),
+    ]
+    if full is not None:
+        lines.append(
+            f"DynamicCache absolute: cache {_fmt(full['cache_bytes'] / 2**20 if full['cache_bytes'] else None, '.1f')} MiB, "
+            f"peak added {_fmt((full['peak_prefill_bytes'] or 0) / 2**20 if full['peak_prefill_bytes'] is not None else None, '.0f')} MiB "
+            f"in prefill and {_fmt((full['peak_decode_bytes'] or 0) / 2**20 if full['peak_decode_bytes'] is not None else None, '.0f')} MiB "
+            f"in decoding, prefill {_fmt(full['prefill_s'], '.2f')} s, decode {_fmt(full['decode_tok_s'], '.1f')} tokens/s."
+        )
+        lines.append("")
+    if skipped:
+        lines += [f"Skipped (cannot be built from `compression_ratio` alone): {', '.join(skipped)}.", ""]
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        lines += [f"{len(errors)} runs failed; rerun the command to retry them. First: `{errors[0]['error']}`.", ""]
+    if machine:
+        lines.append(
+            f"Machine: {machine.get('device')} ({machine.get('processor')}, {machine.get('threads')} threads), "
+            f"torch {machine.get('torch')}, transformers {machine.get('transformers')}, compresskv "
+            f"{machine.get('compresskv')}; load average {machine.get('loadavg_1min')} at the last run. "
+            f"Run time {seconds / 60:.1f} min over {len(rows)} runs. Times on a shared CPU are indicative only."
+        )
+        lines.append("")
+    if config.command:
+        lines += [f"Reproduce: `{config.command}` (rerunning skips finished rows of `{stem}.jsonl`).", ""]
+    return "\n".join(lines)
+
+
+# -- the plot ------------------------------------------------------------------------------------
+def plot(table: Sequence[dict[str, Any]], tasks: Sequence[str], path: Path, title: str = "") -> Path:
+    """Score vs compression ratio, one line per method, the full cache as a dashed reference
+    line; one panel per task (plus the average, plus perplexity when measured). Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    score_tasks = [t for t in tasks if t != PERPLEXITY]
+    panels: list[tuple[str, Callable[[dict[str, Any]], float | None], str]] = [
+        (t, (lambda e, t=t: e["scores"].get(t)), "score (0-100)") for t in score_tasks
+    ]
+    if len(score_tasks) > 1:
+        panels.append(("average", lambda e: e["avg"], "score (0-100)"))
+    if PERPLEXITY in tasks:
+        panels.append(("perplexity (lower is better)", lambda e: e.get("ppl"), "perplexity"))
+    n = len(panels)
+    cols = min(n, 3)
+    rows_n = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.6 * rows_n), squeeze=False)
+    full = next((e for e in table if e["method"] == FULL), None)
+    methods = list(dict.fromkeys(e["method"] for e in table if e["method"] != FULL))
+    ratios = sorted({e["ratio"] for e in table if e["method"] != FULL})
+    for ax, (name, get, ylabel) in zip(axes.flat, panels):
+        for i, method in enumerate(methods):
+            pts = [(e["ratio"], get(e)) for e in table if e["method"] == method and get(e) is not None]
+            if pts:
+                xs, ys = zip(*sorted(pts))
+                # Distinct markers, and earlier lines drawn wider, so that methods with equal
+                # scores (common: 100 or 0) stay visible on top of each other.
+                ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], label=method, color=f"C{i}",
+                        linewidth=1.2 + 1.6 * (len(methods) - 1 - i) / max(1, len(methods) - 1),
+                        markersize=5 + 4 * (len(methods) - 1 - i) / max(1, len(methods) - 1), alpha=0.85)
+        if full is not None and get(full) is not None:
+            ax.axhline(get(full), color="black", linestyle="--", linewidth=1, label="full cache")
+        ax.set_title(name)
+        ax.set_xlabel("compression ratio (fraction removed)")
+        ax.set_ylabel(ylabel)
+        if ratios:
+            ax.set_xticks(ratios)
+        if ylabel.startswith("score"):
+            ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,167 @@
+"""``compresskv bench``: plan, resumable JSON lines, table, plot, skipped methods, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import compresskv
+import compresskv.eval.bench as bench_mod
+from compresskv import cli
+from compresskv.eval.bench import FULL, BenchConfig, aggregate, read_rows, run_bench, table_markdown
+from conftest import tiny_model
+from tiny_tokenizer import prose, tiny_tokenizer
+
+LENGTH = 640
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model("llama", vocab_size=len(tok), layers=2)
+
+
+@pytest.fixture
+def budget_only(monkeypatch):
+    """A registered method that cannot be built from compression_ratio alone."""
+
+    def factory(model, budget=64):
+        return compresskv.SnapKVCache(model, budget=budget, window_size=8)
+
+    monkeypatch.setitem(compresskv.patching._METHODS, "budgetonly", factory)
+
+
+def config(tmp_path, **kw):
+    base = dict(methods=["snapkv", "streamingllm"], ratios=[0.5, 0.75], tasks=["niah_single", "vt"],
+                length=LENGTH, seeds=[0], out=tmp_path / "res" / "bench", model="tiny")
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+def test_bench_writes_rows_table_and_plot_and_resumes(model, tok, tmp_path, budget_only, monkeypatch):
+    notes: list[str] = []
+    cfg = config(tmp_path, methods=["snapkv", "budgetonly", "streamingllm", "nosuch"])
+    result = run_bench(model, tok, cfg, log=notes.append, progress=False)
+    jsonl, md, png = result["paths"]
+    rows = read_rows(jsonl)
+    assert len(rows) == 2 * (1 + 2 * 2)  # tasks x (full + methods x ratios)
+    assert {r["method"] for r in rows} == {FULL, "snapkv", "streamingllm"}
+    assert any("budgetonly" in n and "compression_ratio" in n for n in notes)
+    assert any("nosuch" in n for n in notes)
+    assert result["skipped"] == ["budgetonly", "nosuch"]
+    for r in rows:
+        assert not r.get("error"), r
+        assert 0.0 <= r["score"] <= 1.0 and abs(r["tokens"] - LENGTH) <= 0.02 * LENGTH
+        assert r["cache_bytes_prefill"] > 0 and r["prefill_s"] > 0
+    text = md.read_text()
+    assert "| method | ratio | cache MiB | bytes vs full | niah_single | vt | avg |" in text
+    assert "DynamicCache (full)" in text and "Skipped" in text and "budgetonly" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    snap = next(e for e in result["table"] if e["method"] == "snapkv" and e["ratio"] == 0.5)
+    assert snap["bytes_vs_full"] == pytest.approx(0.5, abs=0.02)
+
+    # Rerunning skips every finished row; dropping one row reruns exactly that one.
+    import compresskv.eval.measure as measure
+
+    real = measure.run_task
+    monkeypatch.setattr(measure, "run_task", lambda *a, **k: pytest.fail("reran a finished row"))
+    again = run_bench(model, tok, cfg, log=notes.append, progress=False)
+    assert len(read_rows(jsonl)) == len(rows) and len(again["table"]) == len(result["table"])
+    monkeypatch.setattr(measure, "run_task", real)
+    kept = [r for r in rows if not (r["task"] == "vt" and r["method"] == "streamingllm" and r["ratio"] == 0.75)]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert len(kept) == len(rows) - 1
+    run_bench(model, tok, cfg, log=notes.append, progress=False)
+    assert len(read_rows(jsonl)) == len(rows)
+
+
+def test_failed_runs_are_recorded_and_retried(model, tok, tmp_path, monkeypatch):
+    import compresskv.eval.measure as measure
+
+    real = measure.run_task
+    state = {"fail": True}
+
+    def flaky(model, tokenizer, task, cache=None, **kw):
+        if cache is not None and state["fail"]:
+            raise RuntimeError("boom")
+        return real(model, tokenizer, task, cache, **kw)
+
+    monkeypatch.setattr(measure, "run_task", flaky)
+    cfg = config(tmp_path, methods=["snapkv"], ratios=[0.5], tasks=["niah_single"])
+    result = run_bench(model, tok, cfg, log=lambda m: None, progress=False)
+    rows = read_rows(result["paths"][0])
+    assert [r.get("error") for r in rows] == [None, "RuntimeError: boom"]
+    assert "1 runs failed" in result["paths"][1].read_text()
+    state["fail"] = False
+    result = run_bench(model, tok, cfg, log=lambda m: None, progress=False)
+    assert len(read_rows(result["paths"][0])) == 3  # the failed row was retried
+    assert all(not r.get("error") for r in result["rows"])
+
+
+def test_bench_with_perplexity(model, tok, tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_text(prose(600))
+    cfg = config(tmp_path, methods=["snapkv"], ratios=[0.5], tasks=["perplexity"], text=str(text), continuation=32, length=256)
+    result = run_bench(model, tok, cfg, log=lambda m: None, progress=False)
+    full, snap = result["table"]
+    assert full["ppl"] > 1 and snap["ppl"] > 1 and snap["bytes_vs_full"] < 0.6
+    assert "| ppl |" in result["paths"][1].read_text()
+    with pytest.raises(ValueError, match="needs a text"):
+        run_bench(model, tok, config(tmp_path, tasks=["perplexity"]), progress=False)
+    with pytest.raises(ValueError, match="unknown tasks"):
+        run_bench(model, tok, config(tmp_path, tasks=["qa"]), progress=False)
+
+
+def test_aggregate_pairs_each_row_with_its_full_cache_run():
+    def row(task, seed, method, ratio, score, nbytes, prefill, decode):
+        return {"task": task, "seed": seed, "method": method, "ratio": ratio, "score": score,
+                "cache_bytes_prefill": nbytes, "prefill_s": prefill, "decode_tok_s": decode,
+                "peak_prefill_bytes": None, "peak_decode_bytes": 2 * nbytes}
+
+    rows = [
+        row("a", 0, FULL, 0.0, 1.0, 100, 2.0, 10.0), row("a", 1, FULL, 0.0, 0.0, 200, 4.0, 10.0),
+        row("a", 0, "m", 0.5, 1.0, 50, 1.0, 20.0), row("a", 1, "m", 0.5, 0.0, 60, 4.0, 10.0),
+    ]
+    full, m = aggregate(rows, ["a"], [FULL, "m"], [0.5])
+    assert full["scores"]["a"] == 50.0 and m["scores"]["a"] == 50.0
+    assert m["bytes_vs_full"] == pytest.approx((0.5 + 0.3) / 2)
+    assert m["peak_decode_vs_full"] == pytest.approx((0.5 + 0.3) / 2)
+    assert m["peak_prefill_vs_full"] is None
+    assert m["prefill_vs_full"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["decode_vs_full"] == pytest.approx((2.0 + 1.0) / 2)
+    md = table_markdown([full, m], ["a"])
+    assert "| m | 0.5 |" in md and "–" in md  # a missing measurement is shown as a dash
+
+
+def test_cli_bench(model, tok, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compresskv, "load_model", lambda *a, **k: (model, tok))
+    out = tmp_path / "cli" / "bench"
+    argv = ["bench", "--methods", "snapkv", "--ratios", "0.5", "--tasks", "niah_single", "--length", str(LENGTH),
+            "--out", str(out), "--threads", "2"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr()
+    assert "| snapkv | 0.5 |" in printed.out
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == [FULL, "snapkv"]
+    assert "compresskv bench --methods snapkv" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").exists()
+    assert cli.main(["bench", "--tasks", "perplexity", "--out", str(out)]) == 2
+    assert cli.main(["bench", "--tasks", "nosuch", "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_bench_on_the_embedded_model(tmp_path):
+    """Short prompts, one method: the full cache finds the needle; SnapKV at 0.5 halves the bytes."""
+    model, tokenizer = compresskv.load_model()
+    cfg = BenchConfig(methods=["snapkv"], ratios=[0.5], tasks=["niah_single"], length=500, seeds=[0],
+                      out=tmp_path / "bench", model=compresskv.DEFAULT_MODEL)
+    result = run_bench(model, tokenizer, cfg, log=lambda m: None, progress=False)
+    full, snap = result["table"]
+    assert full["scores"]["niah_single"] == 100.0
+    assert snap["bytes_vs_full"] == pytest.approx(0.5, abs=0.02)
+    assert all(p.exists() for p in result["paths"])
