@@ -13,21 +13,39 @@ or pass a cache yourself::
 
 from __future__ import annotations
 
+from . import elitekv
 from .cache import (
     CacheStats,
     CompressedCache,
+    EliteKVCache,
     KVLayer,
+    MatryoshkaKVCache,
+    MiniCache,
+    PCAKVCache,
     PyramidKVCache,
     SnapKVCache,
     StreamingLLMCache,
+    SVDCache,
+    XKVCache,
     pyramid_budgets,
 )
+from .matryoshka import Projections, allocate_ranks, calibrate, train_projections
 from .models import DEFAULT_MODEL, load_model
 from .patching import available_methods, make_cache, method_options, patch, register_method, unpatch
 
-register_method("pyramidkv", PyramidKVCache)
-register_method("snapkv", SnapKVCache)
-register_method("streamingllm", StreamingLLMCache)
+for _name, _factory in {
+    "pyramidkv": PyramidKVCache,
+    "snapkv": SnapKVCache,
+    "streamingllm": StreamingLLMCache,
+    "matryoshka": MatryoshkaKVCache,
+    "pca": PCAKVCache,
+    "xkv": XKVCache,
+    "svd": SVDCache,
+    "minicache": MiniCache,
+    "elitekv": elitekv.make_cache,
+}.items():
+    register_method(_name, _factory)
+del _name, _factory
 
 __version__ = "0.1.0"
 
@@ -35,16 +53,27 @@ __all__ = [
     "DEFAULT_MODEL",
     "CacheStats",
     "CompressedCache",
+    "EliteKVCache",
     "KVLayer",
+    "MatryoshkaKVCache",
+    "PCAKVCache",
+    "Projections",
+    "MiniCache",
     "PyramidKVCache",
     "SnapKVCache",
+    "SVDCache",
     "StreamingLLMCache",
+    "XKVCache",
+    "allocate_ranks",
     "available_methods",
+    "calibrate",
+    "elitekv",
     "load_model",
     "make_cache",
     "method_options",
     "patch",
     "pyramid_budgets",
     "register_method",
+    "train_projections",
     "unpatch",
 ]

@@ -9,16 +9,29 @@ from .eviction import (
     StreamingLLMCache,
     pyramid_budgets,
 )
+from .projected import MatryoshkaKVCache, PCAKVCache, ProjectedLayer, ProjectedStats
+from .latent import EliteKVCache, EliteKVLayer
+from .xkv import LowRankStats, MiniCache, SVDCache, XKVCache
 
 __all__ = [
     "CacheStats",
     "CompressedCache",
+    "EliteKVCache",
+    "EliteKVLayer",
     "EvictionCache",
     "EvictionLayer",
     "KVLayer",
+    "MatryoshkaKVCache",
+    "PCAKVCache",
+    "ProjectedLayer",
+    "ProjectedStats",
+    "LowRankStats",
+    "MiniCache",
     "PyramidKVCache",
     "SnapKVCache",
     "StreamingLLMCache",
+    "SVDCache",
+    "XKVCache",
     "pyramid_budgets",
     "tensor_bytes",
 ]

@@ -1,0 +1,575 @@
+"""MatryoshkaKV and PCA caches (arXiv 2410.14731): keys and values stored as orthogonal low-rank
+projections per KV head.
+
+Every token's key and value are stored as ``(k − μ_k)·U_k[:, :r_k]`` and ``(v − μ_v)·U_v[:, :r_v]``
+with a rank per (layer, KV head, K/V). Heads of equal rank are stored together, one tensor
+``[batch, heads_of_that_rank, tokens, rank]`` per group, so nothing is padded and the bytes held
+are exactly ``Σ tokens·(r_k + r_v)·element size`` plus the per-head projection columns and means
+the layer keeps for reading.
+
+Like every compresskv cache, the tokens of a forward call attend to what is stored plus their own
+keys and values at full precision (prefill attention runs on the full keys and values); they are
+compressed when stored, right after. Two ways to read what is stored:
+
+* ``mode="projected"`` (default): attention in the projected space, through compresskv's attention
+  function. Per KV head, ``q′ = q·U_k[:, :r]``, logits ``q′·k′ᵀ + q·μ_k`` scaled by the full head
+  dim's scaling, ``softmax``, then ``(P·v′)·U_v[:, :r]ᵀ + (ΣP)·μ_v``; query heads are grouped onto
+  their KV head (GQA) and padding is masked. Reads ``r/d`` of the bytes: this is the fast mode.
+* ``mode="reconstruct"``: rebuild ``k̂ = k′·U_kᵀ + μ_k`` (and ``v̂``) for every stored token on every
+  read and run the model's own attention backend on them. Simple, but slower than no compression.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import attention as _attention
+from ..attention import AttentionCall
+from ..matryoshka import Projections, calibrate
+from .base import CacheStats, CompressedCache, KVLayer, tensor_bytes
+
+MODES = ("projected", "reconstruct")
+CALIBRATION_ENV = "COMPRESSKV_CALIBRATION_TEXT"
+
+
+@dataclass
+class _Group:
+    """KV heads that share one rank: their stored latents live in one tensor."""
+
+    heads: list[int]
+    index: torch.Tensor | None  # None when the group is every head, in order
+    rank: int
+    proj: torch.Tensor  # [heads, d, rank]: U[:, :rank] of each head
+
+
+def _groups(u: torch.Tensor, ranks: list[int], dtype: torch.dtype, device: torch.device) -> tuple[list[_Group], torch.Tensor | None]:
+    """Group heads by rank; also the permutation that puts group-ordered heads back in order."""
+    n = len(ranks)
+    groups = []
+    for rank in sorted(set(ranks), reverse=True):
+        heads = [h for h in range(n) if ranks[h] == rank]
+        index = None if heads == list(range(n)) else torch.tensor(heads, device=device)
+        proj = u[heads, :, :rank].to(device=device, dtype=dtype).contiguous()
+        groups.append(_Group(heads, index, rank, proj))
+    order = [h for g in groups for h in g.heads]
+    inverse = None if order == list(range(n)) else torch.tensor(order, device=device).argsort()
+    return groups, inverse
+
+
+def _select(x: torch.Tensor, group: _Group) -> torch.Tensor:
+    return x if group.index is None else x.index_select(1, group.index)
+
+
+def _assemble(parts: list[torch.Tensor], inverse: torch.Tensor | None) -> torch.Tensor:
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out if inverse is None else out.index_select(1, inverse)
+
+
+class LayerFactors:
+    """One layer's projection columns and means, on the cache's device and dtype."""
+
+    def __init__(self, projections: Projections, layer: int, ranks_k: list[int], ranks_v: list[int],
+                 dtype: torch.dtype, device: torch.device) -> None:
+        t = projections.tensors
+        self.mu_k = t["mu_k"][layer].to(device=device, dtype=dtype).contiguous()
+        self.mu_v = t["mu_v"][layer].to(device=device, dtype=dtype).contiguous()
+        self.k_groups, self.k_inverse = _groups(t["U_k"][layer], ranks_k, dtype, device)
+        self.v_groups, self.v_inverse = _groups(t["U_v"][layer], ranks_v, dtype, device)
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.mu_k, self.mu_v, *[g.proj for g in self.k_groups + self.v_groups])
+
+
+class ProjectedLayer(KVLayer):
+    """A full-attention layer storing every token as per-head low-rank projections."""
+
+    def __init__(self, cache: "MatryoshkaKVCache", layer_idx: int) -> None:
+        super().__init__()
+        self.cache_ref = weakref.ref(cache)
+        self.layer_idx = layer_idx
+        self.mode = cache.mode
+        self.ranks_k = [int(r) for r in cache.ranks_k[layer_idx]]
+        self.ranks_v = [int(r) for r in cache.ranks_v[layer_idx]]
+        self.factors: LayerFactors | None = None
+        self.k_latent: list[torch.Tensor] = []
+        self.v_latent: list[torch.Tensor] = []
+        self._new: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Optional full-precision copies of each row's first real tokens (attention sinks).
+        self.sink_tokens = cache.sink_tokens
+        self.sink_index: torch.Tensor | None = None  # [batch, n] positions in the stored sequence
+        self.sink_k: torch.Tensor | None = None  # [batch, kv_heads, n, d]
+        self.sink_v: torch.Tensor | None = None
+
+    # -- storage -------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        cache = self.cache_ref()
+        self.factors = LayerFactors(cache.projections, self.layer_idx, self.ranks_k, self.ranks_v, self.dtype, self.device)
+        bsz = key_states.shape[0]
+        self.k_latent = [key_states.new_empty(bsz, len(g.heads), 0, g.rank) for g in self.factors.k_groups]
+        self.v_latent = [value_states.new_empty(bsz, len(g.heads), 0, g.rank) for g in self.factors.v_groups]
+        self.is_initialized = True
+
+    @staticmethod
+    def _project(x: torch.Tensor, mu: torch.Tensor, groups: list[_Group]) -> list[torch.Tensor]:
+        centred = x - mu[None, :, None, :]
+        return [torch.matmul(_select(centred, g), g.proj) for g in groups]
+
+    @staticmethod
+    def _reconstruct(latent: list[torch.Tensor], mu: torch.Tensor, groups: list[_Group], inverse: torch.Tensor | None) -> torch.Tensor:
+        parts = [torch.matmul(z, g.proj.transpose(-1, -2)) for z, g in zip(latent, groups)]
+        return _assemble(parts, inverse) + mu[None, :, None, :]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hold the new tokens for this call's attention (they are stored, projected, right after
+        it) and return what the attention reads: the new tokens only in ``projected`` mode (the
+        stored ones are read in the projected space by :meth:`attend`), the reconstructed stored
+        tokens followed by the new ones in ``reconstruct`` mode."""
+        if self.expected is not None and (key_states.shape[1] != self.expected[1] or key_states.shape[-1] != self.expected[2]):
+            raise ValueError(
+                f"compresskv: this cache was built for a model with {self.expected[1]} KV heads of dim "
+                f"{self.expected[2]}, but got keys of shape {tuple(key_states.shape)}; create one cache per model."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.stored_before = self.stored()
+        self.seen += key_states.shape[-2]
+        self._new = (key_states, value_states)
+        keys, values = key_states, value_states
+        if self.mode == "reconstruct" and self.stored_before > 0:
+            f = self.factors
+            old_k = self._with_sinks(self._reconstruct(self.k_latent, f.mu_k, f.k_groups, f.k_inverse), self.sink_k)
+            old_v = self._with_sinks(self._reconstruct(self.v_latent, f.mu_v, f.v_groups, f.v_inverse), self.sink_v)
+            keys = torch.cat([old_k, key_states], dim=-2)
+            values = torch.cat([old_v, value_states], dim=-2)
+        _attention.mark_pending(self, keys)
+        return keys, values
+
+    def after_attention(self, call: AttentionCall) -> None:
+        """Store this call's tokens, projected, then record their validity (base class)."""
+        if self._new is not None:
+            keys, values = self._new
+            self._new = None
+            if self.stored() == 0 and self.sink_tokens:
+                pad = call.pad2d[:, -keys.shape[-2]:] if call.pad2d is not None else None
+                self._keep_sinks(keys, values, pad)
+            self._store(keys, values)
+        super().after_attention(call)
+
+    def _keep_sinks(self, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor | None) -> None:
+        """Keep full-precision copies of each row's first ``sink_tokens`` real tokens of the prefill."""
+        bsz, n_kv, seq, dim = keys.shape
+        n = min(self.sink_tokens, seq)
+        if pad is None:
+            index = torch.arange(n, device=keys.device).expand(bsz, n)
+        else:  # real tokens first, in order; a row with fewer real tokens points at padding (masked)
+            index = torch.sort((pad == 0).to(torch.int8), dim=-1, stable=True).indices[:, :n]
+        gather = index[:, None, :, None].expand(bsz, n_kv, n, dim)
+        self.sink_index = index.contiguous()
+        self.sink_k = keys.gather(2, gather).contiguous()
+        self.sink_v = values.gather(2, gather).contiguous()
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        f = self.factors
+        new_k = self._project(keys, f.mu_k, f.k_groups)
+        new_v = self._project(values, f.mu_v, f.v_groups)
+        self.k_latent = [torch.cat([old, new], dim=-2) for old, new in zip(self.k_latent, new_k)]
+        self.v_latent = [torch.cat([old, new], dim=-2) for old, new in zip(self.v_latent, new_v)]
+
+    def keep(self, index: torch.Tensor) -> None:  # pragma: no cover - no eviction here
+        raise NotImplementedError("compresskv: a projected cache keeps every token; it does not evict.")
+
+    # -- attention ------------------------------------------------------------------------------
+    def attend(self, call: AttentionCall, fn: Any, mask: Any) -> tuple[torch.Tensor, Any]:
+        if self.mode == "reconstruct" or self.stored_before == 0:
+            return super().attend(call, fn, mask)
+        return self.projected_attention(call)
+
+    def projected_attention(self, call: AttentionCall) -> tuple[torch.Tensor, None]:
+        """Attention over the stored latents (projected space) and the new full-precision tokens.
+
+        Returns ``([batch, q_len, q_heads, d], None)`` like transformers' attention functions.
+        """
+        module = call.module
+        if getattr(module, "sinks", None) is not None or getattr(module.config, "attn_logit_softcapping", None):
+            raise ValueError(
+                f"compresskv: {type(module).__name__} uses attention sinks or logit soft-capping, which the "
+                "projected-space attention does not implement; use mode='reconstruct'."
+            )
+        f = self.factors
+        query = call.query
+        new_k, new_v = call.key, call.value
+        bsz, n_q, q_len, dim = query.shape
+        n_kv = new_k.shape[1]
+        groups = n_q // n_kv
+        stored = self.stored_before
+        rows = groups * q_len
+        q = query.reshape(bsz, n_kv, rows, dim)  # query head h·G+g → (KV head h, row g·q_len+i)
+
+        old = [torch.matmul(torch.matmul(_select(q, g), g.proj), z.transpose(-1, -2))
+               for g, z in zip(f.k_groups, self.k_latent)]
+        old_logits = _assemble(old, f.k_inverse) + torch.matmul(q, f.mu_k[None, :, :, None])
+        if self.sink_k is not None:  # the sink tokens' logits at full precision
+            sink_at = self.sink_index[:, None, None, :].expand(bsz, n_kv, rows, -1)
+            old_logits = old_logits.scatter(-1, sink_at, torch.matmul(q, self.sink_k.transpose(-1, -2)))
+        new_logits = torch.matmul(q, new_k.transpose(-1, -2))
+        logits = torch.cat([old_logits, new_logits], dim=-1).float().mul_(call.scaling)
+
+        allowed = None
+        if self.valid is not None:
+            allowed = torch.cat(
+                [self.valid[:, :, None, :stored].expand(-1, -1, rows, -1),
+                 torch.ones(bsz, n_kv, rows, q_len, dtype=torch.bool, device=q.device)], dim=-1)
+        pad_new = call.pad2d[:, -q_len:].to(torch.bool) if call.pad2d is not None else None
+        if q_len > 1 or (pad_new is not None and not bool(pad_new.all())):
+            causal = torch.ones(q_len, q_len, dtype=torch.bool, device=q.device).tril().repeat(groups, 1)
+            new_part = causal[None, None]
+            if pad_new is not None:
+                new_part = new_part & pad_new[:, None, None, :]
+            new_part = torch.cat(
+                [torch.ones(*new_part.shape[:-1], stored, dtype=torch.bool, device=q.device), new_part], dim=-1)
+            allowed = new_part if allowed is None else allowed & new_part
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+        probs = logits.softmax(dim=-1).to(new_v.dtype)
+        p_old, p_new = probs[..., :stored], probs[..., stored:]
+
+        parts = [torch.matmul(torch.matmul(_select(p_old, g), z), g.proj.transpose(-1, -2))
+                 for g, z in zip(f.v_groups, self.v_latent)]
+        out = _assemble(parts, f.v_inverse)
+        out = out + p_old.sum(dim=-1, keepdim=True) * f.mu_v[None, :, None, :]
+        out = out + torch.matmul(p_new, new_v)
+        if self.sink_v is not None:  # their values at full precision: add what the projection lost
+            error = self.sink_v - self._sink_reconstruction("v")
+            out = out + torch.matmul(p_old.gather(-1, sink_at), error)
+        out = out.view(bsz, n_kv, groups, q_len, dim).reshape(bsz, n_q, q_len, dim)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _sink_reconstruction(self, name: str) -> torch.Tensor:
+        """What the stored latents give back for the sink tokens, ``[batch, kv_heads, n, d]``."""
+        f = self.factors
+        latent, groups, inverse, mu = ((self.k_latent, f.k_groups, f.k_inverse, f.mu_k) if name == "k"
+                                       else (self.v_latent, f.v_groups, f.v_inverse, f.mu_v))
+        n = self.sink_index.shape[-1]
+        picked = [z.gather(2, self.sink_index[:, None, :, None].expand(z.shape[0], z.shape[1], n, z.shape[-1]))
+                  for z in latent]
+        return self._reconstruct(picked, mu, groups, inverse)
+
+    def _with_sinks(self, full: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+        """``full`` (reconstructed stored tokens) with the sink tokens' exact keys/values put back."""
+        if sink is None:
+            return full
+        index = self.sink_index[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[-1])
+        return full.scatter(2, index, sink)
+
+    # -- what transformers and stats ask --------------------------------------------------------
+    def stored(self) -> int:
+        return int(self.k_latent[0].shape[-2]) if self.is_initialized and self.k_latent else 0
+
+    def nbytes(self) -> int:
+        """Bytes of the stored latents, the validity mask (if any) and the projection columns and
+        means this layer holds."""
+        factors = self.factors.nbytes() if self.factors is not None else 0
+        sinks = tensor_bytes(self.sink_index, self.sink_k, self.sink_v)
+        return tensor_bytes(*self.k_latent, *self.v_latent, self.valid) + factors + sinks
+
+    def latent_nbytes(self) -> int:
+        return tensor_bytes(*self.k_latent, *self.v_latent)
+
+    def reset(self) -> None:
+        super().reset()
+        self.k_latent, self.v_latent = [], []
+        self.factors = None
+        self._new = None
+        self.sink_index = self.sink_k = self.sink_v = None
+
+    def _select_batch(self, fn: Any) -> None:
+        if self.is_initialized:
+            self.k_latent = [fn(t) for t in self.k_latent]
+            self.v_latent = [fn(t) for t in self.v_latent]
+            if self.valid is not None:
+                self.valid = fn(self.valid)
+            if self.sink_index is not None:
+                self.sink_index, self.sink_k, self.sink_v = fn(self.sink_index), fn(self.sink_k), fn(self.sink_v)
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self.k_latent = [t.to("cpu", non_blocking=True) for t in self.k_latent]
+            self.v_latent = [t.to("cpu", non_blocking=True) for t in self.v_latent]
+            if self.valid is not None:
+                self.valid = self.valid.to("cpu", non_blocking=True)
+            if self.sink_index is not None:
+                self.sink_index, self.sink_k, self.sink_v = (
+                    t.to("cpu", non_blocking=True) for t in (self.sink_index, self.sink_k, self.sink_v))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self.k_latent = [t.to(self.device, non_blocking=True) for t in self.k_latent]
+            self.v_latent = [t.to(self.device, non_blocking=True) for t in self.v_latent]
+            if self.valid is not None:
+                self.valid = self.valid.to(self.device, non_blocking=True)
+            if self.sink_index is not None:
+                self.sink_index, self.sink_k, self.sink_v = (
+                    t.to(self.device, non_blocking=True) for t in (self.sink_index, self.sink_k, self.sink_v))
+
+
+@dataclass
+class ProjectedStats(CacheStats):
+    """:class:`CacheStats` plus the ranks of every compressed layer (``None`` elsewhere)."""
+
+    mode: str = "projected"
+    rank_source: str = ""
+    ranks_k: list[list[int] | None] = field(default_factory=list)
+    ranks_v: list[list[int] | None] = field(default_factory=list)
+
+
+class MatryoshkaKVCache(CompressedCache):
+    """MatryoshkaKV: every token's key and value stored as per-KV-head orthogonal projections.
+
+    Args:
+        model: the transformers model (its attention is switched to compresskv's).
+        projections: :class:`compresskv.Projections` for this model (``compresskv.calibrate``,
+            then optionally ``compresskv.train_projections`` and ``compresskv.allocate_ranks``).
+        budget: fraction of the full cache kept, in (0, 1]: the ranks allocated for it when the
+            projections store an allocation for this budget (and ``use_allocation``), otherwise
+            ``round(budget·head_dim)`` for every head.
+        compression_ratio: instead of ``budget``, ``1 − budget`` in [0, 1).
+        rank: instead, one rank in [1, head_dim] for every head's keys and values.
+        ranks: instead, ``(ranks_k, ranks_v)``, each ``[layers][kv_heads]``.
+        mode: ``"projected"`` (attention in the projected space) or ``"reconstruct"``
+            (rebuild the full keys and values on every read).
+        use_allocation: ``False`` ignores a stored allocation (uniform ranks for ``budget``).
+        sink_tokens: also keep each row's first ``sink_tokens`` real prompt tokens at full
+            precision (an extension, off by default as in the paper: the first token is an
+            attention sink whose key and value a low-rank projection fitted to ordinary tokens
+            loses, and most heads attend to it heavily). Costs ``sink_tokens·2·d`` values per head.
+    """
+
+    method = "matryoshka"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        projections: Projections | None = None,
+        budget: float | None = None,
+        *,
+        compression_ratio: float | None = None,
+        rank: int | None = None,
+        ranks: Any = None,
+        mode: str = "projected",
+        use_allocation: bool = True,
+        sink_tokens: int = 0,
+    ) -> None:
+        who = type(self).__name__
+        if not isinstance(projections, Projections):
+            raise ValueError(
+                f"{who}: needs projections= (compresskv.calibrate(model, texts, tokenizer=tok), optionally "
+                f"trained with compresskv.train_projections); got {type(projections).__name__}."
+            )
+        if mode not in MODES:
+            raise ValueError(f"{who}: mode must be one of {list(MODES)}, got {mode!r}.")
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise ValueError(f"{who}: sink_tokens must be an int >= 0, got {sink_tokens!r}.")
+        self.sink_tokens = sink_tokens
+        projections.check_model(model)
+        rk, rv, source = projections.resolve_ranks(budget, compression_ratio, rank, ranks, use_allocation, who)
+        self.projections, self.mode = projections, mode
+        self.ranks_k, self.ranks_v, self.rank_source = rk, rv, source
+        super().__init__(model)
+
+    def make_layer(self, rank: int, n_full: int) -> KVLayer:
+        return ProjectedLayer(self, self.full_layers[rank])
+
+    def load_prefill(self, cache: Any) -> "MatryoshkaKVCache":
+        """Store, projected, what an uncompressed cache holds (e.g. a ``DynamicCache`` after a
+        prefill without padding) and return ``self``.
+
+        Since prefill attention runs on the full keys and values, this leaves exactly the state a
+        prefill through this cache would, without running the model again: one prefill can then
+        serve several budgets or modes (the benchmark does this). The source is not modified.
+        """
+        if any(isinstance(layer, ProjectedLayer) and layer.is_initialized for layer in self.layers):
+            raise ValueError("load_prefill: this cache already holds tokens; use a fresh cache.")
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(
+                f"load_prefill: the source cache has {len(cache.layers)} layers, this one {len(self.layers)}."
+            )
+        for i, (layer, source) in enumerate(zip(self.layers, cache.layers)):
+            if not isinstance(layer, ProjectedLayer):
+                self.layers[i] = copy.deepcopy(source)
+                continue
+            keys, values = getattr(source, "keys", None), getattr(source, "values", None)
+            if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[-2] == 0:
+                raise ValueError(f"load_prefill: layer {i} of the source cache holds no [batch, heads, tokens, dim] keys.")
+            if keys.shape[1] != self.num_kv_heads or keys.shape[-1] != self.head_dim:
+                raise ValueError(
+                    f"load_prefill: layer {i} holds keys of shape {tuple(keys.shape)}; this cache is for "
+                    f"{self.num_kv_heads} KV heads of dim {self.head_dim}."
+                )
+            layer.lazy_initialization(keys, values)
+            if layer.sink_tokens:
+                layer._keep_sinks(keys, values, None)
+            layer._store(keys, values)
+            layer.seen = keys.shape[-2]
+            layer.stored_before = 0
+            layer.prefilled = True
+        return self
+
+    # -- measurement ----------------------------------------------------------------------------
+    def kept_fraction(self) -> float:
+        """Fraction of the full per-token cache the ranks keep, over the compressed layers."""
+        from ..matryoshka import kept_fraction
+
+        return kept_fraction(self.ranks_k, self.ranks_v, self.head_dim, self.full_layers)
+
+    def uncompressed_nbytes(self) -> int:
+        """Bytes a ``DynamicCache`` would hold for the same tokens in the same dtype."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, ProjectedLayer):
+                if layer.is_initialized and layer.k_latent:
+                    bsz, elem = layer.k_latent[0].shape[0], layer.k_latent[0].element_size()
+                    total += bsz * layer.seen * self.num_kv_heads * 2 * self.head_dim * elem
+            else:
+                total += tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
+        return total
+
+    def stats(self) -> ProjectedStats:
+        stored: list[int | None] = []
+        ranks_k: list[list[int] | None] = []
+        ranks_v: list[list[int] | None] = []
+        for layer in self.layers:
+            if isinstance(layer, ProjectedLayer):
+                stored.append(layer.stored())
+                ranks_k.append(list(layer.ranks_k))
+                ranks_v.append(list(layer.ranks_v))
+            else:
+                keys = getattr(layer, "keys", None)
+                stored.append(int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None)
+                ranks_k.append(None)
+                ranks_v.append(None)
+        return ProjectedStats(
+            method=self.method,
+            tokens_seen=self.get_seq_length(self.full_layers[0]),
+            tokens_stored=stored,
+            nbytes=self.nbytes(),
+            uncompressed_nbytes=self.uncompressed_nbytes(),
+            mode=self.mode,
+            rank_source=self.rank_source,
+            ranks_k=ranks_k,
+            ranks_v=ranks_v,
+        )
+
+
+# -- PCA (calibrated on the fly when given texts) -----------------------------------------------------
+_calibrated: "weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, Projections]]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def _texts_key(texts: Any) -> Any:
+    if isinstance(texts, torch.Tensor):
+        return ("tensor", tuple(texts.shape), hash(texts.cpu().numpy().tobytes()))
+    if isinstance(texts, str):
+        return ("str", hash(texts))
+    try:
+        return ("seq", hash(tuple(t if isinstance(t, str) else tuple(t) for t in texts)))
+    except TypeError:
+        return ("id", id(texts))
+
+
+def _calibrated_for(model: torch.nn.Module, texts: Any, tokenizer: Any, seq_len: int, max_windows: int | None) -> Projections:
+    """PCA projections of ``model`` on ``texts``, computed once per model and texts."""
+    key = (_texts_key(texts), seq_len, max_windows)
+    with _lock:
+        per_model = _calibrated.setdefault(model, {})
+        if key not in per_model:
+            per_model[key] = calibrate(model, texts, tokenizer=tokenizer, seq_len=seq_len, max_windows=max_windows,
+                                       progress=False)
+        return per_model[key]
+
+
+class PCAKVCache(MatryoshkaKVCache):
+    """Plain PCA projections (MatryoshkaKV's initialisation, untrained) in a projected cache.
+
+    Without ``projections=``, the cache calibrates on the fly on ``texts`` (computed once per
+    model and texts), or, when ``texts`` is not given either, on the text file named by the
+    ``COMPRESSKV_CALIBRATION_TEXT`` environment variable (tokenized with the model's own
+    tokenizer), which is how ``compresskv bench`` can run ``"pca"`` from a compression ratio alone.
+
+    Args:
+        model: the transformers model (its attention is switched to compresskv's).
+        projections: PCA :class:`compresskv.Projections` (trained ones are refused: use
+            :class:`MatryoshkaKVCache`); ``None`` to calibrate on ``texts``.
+        budget: fraction of the full cache kept, in (0, 1] (stored allocation or uniform ranks).
+        compression_ratio: instead of ``budget``, ``1 − budget`` in [0, 1).
+        rank: instead, one rank in [1, head_dim] for every head.
+        ranks: instead, ``(ranks_k, ranks_v)``, each ``[layers][kv_heads]``.
+        mode: ``"projected"`` or ``"reconstruct"``.
+        use_allocation: ``False`` ignores a stored allocation.
+        sink_tokens: keep each row's first ``sink_tokens`` prompt tokens at full precision too.
+        texts: calibration text for on-the-fly PCA (strings with ``tokenizer=``, or token ids).
+        tokenizer: needed when ``texts`` are strings.
+        seq_len: calibration window length.
+        max_windows: calibration windows used at most.
+    """
+
+    method = "pca"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        projections: Projections | None = None,
+        budget: float | None = None,
+        *,
+        compression_ratio: float | None = None,
+        rank: int | None = None,
+        ranks: Any = None,
+        mode: str = "projected",
+        use_allocation: bool = True,
+        sink_tokens: int = 0,
+        texts: Any = None,
+        tokenizer: Any = None,
+        seq_len: int = 512,
+        max_windows: int | None = 32,
+    ) -> None:
+        if projections is None:
+            if texts is None and os.environ.get(CALIBRATION_ENV):
+                path = os.environ[CALIBRATION_ENV]
+                try:
+                    with open(path, encoding="utf-8", errors="replace") as handle:
+                        texts = handle.read()
+                except OSError as err:
+                    raise ValueError(f"PCAKVCache: {CALIBRATION_ENV}={path!r} is not a readable text file.") from err
+                if tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    try:
+                        tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
+                    except Exception as err:  # noqa: BLE001 - any failure means: no tokenizer to be found
+                        raise ValueError(
+                            f"PCAKVCache: {CALIBRATION_ENV} is set but no tokenizer could be loaded from "
+                            f"{model.config._name_or_path!r}; pass texts= and tokenizer= instead."
+                        ) from err
+            if texts is None:
+                raise ValueError(
+                    "PCAKVCache: needs projections= (compresskv.calibrate(model, texts, tokenizer=tok)) or "
+                    "calibration texts= (strings with tokenizer=, or token ids) to calibrate on the fly; "
+                    f"`compresskv bench` can run 'pca' when {CALIBRATION_ENV} names a text file."
+                )
+            projections = _calibrated_for(model, texts, tokenizer, seq_len, max_windows)
+        elif isinstance(projections, Projections) and projections.method != "pca":
+            raise ValueError(
+                f"PCAKVCache: these projections are {projections.method!r}, not plain PCA; use "
+                "MatryoshkaKVCache (method 'matryoshka') for trained projections."
+            )
+        super().__init__(model, projections, budget, compression_ratio=compression_ratio, rank=rank, ranks=ranks,
+                         mode=mode, use_allocation=use_allocation, sink_tokens=sink_tokens)

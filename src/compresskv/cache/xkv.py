@@ -1,0 +1,1147 @@
+"""Cross-layer low-rank KV caches: xKV (arXiv 2503.18893), single-layer SVD, and MiniCache
+(arXiv 2405.14366), storing the compressed form for real.
+
+All three compress once, right after prefill attention (which ran on the full keys and values), and
+append the tokens decoded afterwards uncompressed.
+
+**xKV.** The compressed full-attention layers are split into groups of ``group_size`` adjacent
+layers. When the *last* layer of a group has run its prefill attention, the group's keys are
+concatenated along features (``[T, G·H_kv·d]`` per batch row, keys un-rotated to pre-RoPE by
+default) and factorised by a truncated fp32 SVD of rank ``r_k``; values likewise with ``r_v``. The
+group keeps the shared token latent ``U·√S`` (``[batch, T, r]``) and each layer its own factor
+``√S·Vᵀ`` (``[batch, r, H_kv·d]``); the layers' full K/V are dropped. Until then the earlier layers
+of the group keep their full K/V (they are needed for the SVD). ``group_size=1`` is the
+single-layer SVD baseline (:class:`SVDCache`).
+
+Reading: values are never rebuilt: ``softmax · V = (softmax · latent) · factor``. Post-RoPE keys are
+not rebuilt either: ``q · Kᵀ = (q · factorᵀ) · latentᵀ``. Pre-RoPE keys must be rotated at their own
+positions, which does not commute with the factorisation, so each layer rebuilds its keys once per
+forward, in blocks of :attr:`XKVCache.read_chunk` tokens (transient), re-rotates them with the
+model's rotary embedding, and takes the logits block by block. Whichever of the latent and the
+rebuilt form costs fewer multiply-adds is used (``read_mode="auto"``); the costs of every read are
+kept and reported by :meth:`stats`.
+
+**MiniCache.** Adjacent layers ``(l, l+1)`` from the middle of the model on are merged per token
+and KV head: both vectors are split into magnitude and direction, the directions are SLERP'd
+(``t = 0.6``) into one shared unit direction, each layer keeps its own magnitudes, and the most
+divergent token pairs (angular distance in the top ``gamma`` of the observed range) keep both
+original vectors. Attention is computed from the shared direction without rebuilding anything.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from ..attention import AttentionCall
+from .base import CacheStats, CompressedCache, KVLayer, _plain_layers, tensor_bytes, text_config
+
+KeysMode = Literal["pre_rope", "post_rope"]
+KEYS_MODES = ("pre_rope", "post_rope")
+REMAINDERS = ("error", "last_group")
+SVD_SOLVERS = ("svd", "gram")
+READ_MODES = ("auto", "latent", "rebuild", "model")
+
+
+# -- small helpers -------------------------------------------------------------------------------
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The ``rotate_half`` of transformers' RoPE: ``[x1, x2] -> [-x2, x1]`` on the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def truncated_factors(x: torch.Tensor, rank: int, solver: str = "svd") -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factorisation of ``x`` (``[batch, T, F]``, fp32) per batch row.
+
+    Returns ``(latent, factor)``, ``[batch, T, rank]`` and ``[batch, rank, F]``, with
+    ``latent @ factor`` the truncated SVD ``U_r S_r V_rᵀ`` and the singular values split evenly
+    (``latent = U_r √S_r``, ``factor = √S_r V_rᵀ``). ``solver="svd"`` runs ``torch.linalg.svd`` in
+    fp32; ``"gram"`` takes the top eigenvectors of ``xᵀx`` in fp64, much faster when ``T ≫ F``
+    and equal up to rounding.
+    """
+    if solver == "svd":
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    elif solver == "gram":
+        xd = x.double()
+        evals, evecs = torch.linalg.eigh(xd.mT @ xd)
+        v = evecs[..., -rank:].flip(-1)
+        s = evals[..., -rank:].flip(-1).clamp_min(0).sqrt()
+        us = xd @ v
+        u = torch.where(s[..., None, :] > 0, us / s.clamp_min(1e-300)[..., None, :], torch.zeros_like(us))
+        u, s, vh = u.float(), s.float(), v.mT.float()
+    else:  # pragma: no cover - validated by the caches
+        raise ValueError(f"svd_solver must be one of {list(SVD_SOLVERS)}, got {solver!r}")
+    root = s.sqrt()
+    return u * root[..., None, :], root[..., :, None] * vh
+
+
+def full_attention_layers(model: torch.nn.Module) -> list[int]:
+    """Indices of the layers ``DynamicCache`` gives a plain full-attention layer (those compresskv compresses)."""
+    return [i for i, layer in enumerate(_plain_layers(model)) if type(layer) is DynamicLayer]
+
+
+def plan_groups(layers: list[int], group_size: int, remainder: str = "error", owner: str = "XKVCache") -> list[list[int]]:
+    """Split ``layers`` (model layer indices, in order) into groups of ``group_size`` adjacent ones.
+
+    When ``group_size`` does not divide their number, ``remainder="error"`` refuses (naming the
+    divisors) and ``remainder="last_group"`` makes the leftover layers one last, smaller group.
+    """
+    n = len(layers)
+    if group_size > n:
+        raise ValueError(
+            f"{owner}: group_size={group_size} is larger than the {n} compressed layers "
+            f"({layers[0]}..{layers[-1]}); choose group_size <= {n}."
+        )
+    if n % group_size and remainder == "error":
+        divisors = [g for g in range(1, n + 1) if n % g == 0]
+        raise ValueError(
+            f"{owner}: group_size={group_size} does not divide the {n} compressed layers "
+            f"({layers[0]}..{layers[-1]}); choose group_size in {divisors}, change start_layer/end_layer, "
+            f"or pass remainder='last_group' to make the last {n % group_size} layer(s) a smaller group."
+        )
+    return [layers[i : i + group_size] for i in range(0, n, group_size)]
+
+
+def ranks_for_ratio(
+    compression_ratio: float, tokens: int, group_len: int, kv_heads: int, head_dim: int, key_rank_fraction: float = 0.4
+) -> tuple[int, int]:
+    """(r_k, r_v) that remove at least ``compression_ratio`` of a group's K/V bytes.
+
+    From the bytes of a group of ``G`` layers, ``T·(r_k+r_v) + G·H·d·(r_k+r_v)`` against
+    ``2·G·H·T·d`` uncompressed: ``r_k + r_v = ⌊(1−ratio)·2·G·H·T·d / (T + G·H·d)⌋``, split
+    ``key_rank_fraction : 1 − key_rank_fraction`` (the paper's 2:3 by default). Each rank is at
+    least 1 and at most the matrix rank ``min(T, G·H·d)``.
+    """
+    width = group_len * kv_heads * head_dim
+    total = math.floor((1.0 - compression_ratio) * 2 * width * tokens / (tokens + width) + 1e-9)
+    rank_k = max(1, int(round(total * key_rank_fraction)))
+    rank_v = max(1, total - rank_k)
+    top = min(tokens, width)
+    return min(rank_k, top), min(rank_v, top)
+
+
+# -- RoPE and positions --------------------------------------------------------------------------
+class RotaryTable:
+    """The model's rotary embedding, as needed to un-rotate keys once and re-rotate them on read.
+
+    Un-rotation uses exactly the ``cos``/``sin`` the model's ``rotary_emb`` returns for the prefill
+    positions (it carries rope scaling). Re-rotation recomputes ``cos``/``sin`` for a block of
+    stored positions from the embedding's ``inv_freq`` and ``attention_scaling`` (checked against the
+    model's own output at compression time); for rope types whose frequencies change with the
+    length (``dynamic``, ``longrope``) the prefill's ``inv_freq`` is snapshotted and held.
+    """
+
+    def __init__(self, model: torch.nn.Module, owner: str) -> None:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+        rotary = getattr(decoder, "rotary_emb", None)
+        if rotary is None:
+            rotary = getattr(model, "rotary_emb", None)
+        if rotary is None or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+            raise ValueError(
+                f"{owner}: keys='pre_rope' needs the model's rotary embedding (a `rotary_emb` module with "
+                f"`inv_freq`), and {type(model).__name__} has none; use keys='post_rope'."
+            )
+        self.rotary = rotary
+        self.scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+        rope_type = str(getattr(rotary, "rope_type", "default"))
+        self.length_dependent = "dynamic" in rope_type or rope_type == "longrope"
+        self.frozen_inv_freq: torch.Tensor | None = None
+        self.owner = owner
+
+    def inv_freq(self) -> torch.Tensor:
+        return self.frozen_inv_freq if self.frozen_inv_freq is not None else self.rotary.inv_freq
+
+    def prefill_table(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``cos``/``sin`` ``[batch, T, d]`` of the prefill, from the model's own embedding,
+        after checking that :meth:`table` reproduces them."""
+        probe = torch.empty(0, dtype=torch.float32, device=position_ids.device)
+        cos, sin = self.rotary(probe, position_ids)
+        cos, sin = cos.float(), sin.float()
+        if self.length_dependent:
+            self.frozen_inv_freq = self.rotary.inv_freq.detach().clone()
+        mine_cos, mine_sin = self.table(position_ids)
+        if mine_cos.shape != cos.shape or not (
+            torch.allclose(mine_cos, cos, atol=1e-5, rtol=1e-5) and torch.allclose(mine_sin, sin, atol=1e-5, rtol=1e-5)
+        ):
+            raise ValueError(
+                f"{self.owner}: the model's rotary embedding ({type(self.rotary).__name__}) is not the standard "
+                "rotate-half RoPE over the whole head (partial or multimodal rotary?), so keys cannot be "
+                "re-rotated on read; use keys='post_rope'."
+            )
+        return cos, sin
+
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``cos``/``sin`` ``[..., d]`` for integer ``positions``."""
+        inv = self.inv_freq().to(device=positions.device, dtype=torch.float32)
+        freqs = positions[..., None].float() * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.scaling, emb.sin() * self.scaling
+
+    def unrotate(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE keys from rotated ones: ``(k·cos − rotate_half(k)·sin) / scaling²``."""
+        out = keys * cos - rotate_half(keys) * sin
+        return out / (self.scaling**2) if self.scaling != 1.0 else out
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.frozen_inv_freq)
+
+
+class PrefillPositions:
+    """The RoPE positions of the compressed prefill tokens, per batch row (needed to re-rotate
+    pre-RoPE keys). Stored as one offset per row (``[batch, 1]`` int64) when every real token sits
+    at ``offset + index`` (what ``generate`` produces, left padding included), else as a
+    ``[batch, T]`` int32 table. Padding tokens are masked and zero in the latent, so their
+    positions do not matter."""
+
+    def __init__(self) -> None:
+        self.offsets: torch.Tensor | None = None
+        self.table: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def is_set(self) -> bool:
+        return self.offsets is not None or self.table is not None
+
+    def set(self, position_ids: torch.Tensor | None, real: torch.Tensor | None, batch: int, length: int, device: Any) -> None:
+        index = torch.arange(length, device=device)
+        if position_ids is None:
+            pos = index.expand(batch, length)
+        else:
+            pos = position_ids[..., -length:].to(device).expand(batch, length)
+        offset = pos - index
+        if real is None:
+            first = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            ok = bool((offset == offset[:, :1]).all())
+        else:
+            first = real.to(torch.long).argmax(dim=-1, keepdim=True)
+            ok = bool(((offset == offset.gather(1, first)) | ~real).all())
+        self.length = length
+        if ok:
+            self.offsets, self.table = offset.gather(1, first).to(torch.long).contiguous(), None
+        else:
+            self.offsets, self.table = None, pos.to(torch.int32).contiguous()
+
+    def get(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Positions of prefill tokens ``start:end``, ``[batch, n]`` int64."""
+        end = self.length if end is None else end
+        if self.table is not None:
+            return self.table[:, start:end].to(torch.long)
+        assert self.offsets is not None
+        return self.offsets + torch.arange(start, end, device=self.offsets.device)
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.offsets, self.table)
+
+    def apply(self, fn: Any) -> None:
+        if self.offsets is not None:
+            self.offsets = fn(self.offsets)
+        if self.table is not None:
+            self.table = fn(self.table)
+
+    def reset(self) -> None:
+        self.offsets = self.table = None
+        self.length = 0
+
+
+# -- read accounting -----------------------------------------------------------------------------
+@dataclass
+class ReadCost:
+    """What reading one layer's compressed prefix cost in one forward (or summed over many).
+
+    ``rebuilt_bytes``: bytes of K/V rows rebuilt from the compressed form; ``transient_bytes``: the
+    largest set of prefix-sized temporaries alive at once (rebuilt block + its logits/probabilities
+    over the prefix), measured from the tensors created; ``flops``: multiply-adds spent on the
+    prefix; ``seconds``: wall time of the layer's attention; ``reads``: forwards counted."""
+
+    rebuilt_bytes: int = 0
+    transient_bytes: int = 0
+    flops: int = 0
+    seconds: float = 0.0
+    reads: int = 0
+
+    def add(self, other: "ReadCost") -> None:
+        self.rebuilt_bytes += other.rebuilt_bytes
+        self.transient_bytes = max(self.transient_bytes, other.transient_bytes)
+        self.flops += other.flops
+        self.seconds += other.seconds
+        self.reads += other.reads
+
+
+@dataclass
+class LowRankStats(CacheStats):
+    """:class:`CacheStats` plus what a low-rank / merged cache holds and what reading it costs.
+
+    ``ranks_k``/``ranks_v``: per model layer (``None`` where not factorised); ``groups``: model
+    layer indices of each group; ``bytes_by_kind``: ``nbytes`` split into shared latents (or merged
+    directions), per-layer factors (or magnitudes and retained tokens), uncompressed tokens
+    (decoded ones, and layers left uncompressed), validity masks, positions and RoPE state;
+    ``compress_seconds``: time spent compressing (SVD, merging) after prefill; ``last_read``: the
+    last forward's :class:`ReadCost` summed over layers (``transient_bytes`` is the largest single
+    layer's, since layers run one after another); ``total_read``: the same over all forwards."""
+
+    keys: str | None = None
+    groups: list[list[int]] = field(default_factory=list)
+    ranks_k: list[int | None] = field(default_factory=list)
+    ranks_v: list[int | None] = field(default_factory=list)
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    compress_seconds: float = 0.0
+    last_read: dict[str, Any] = field(default_factory=dict)
+    total_read: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- groups and layers ---------------------------------------------------------------------------
+class _Group:
+    """Layers compressed together; compresses when the last of them has run its prefill attention."""
+
+    def __init__(self, cache: "_GroupedCache", layer_ids: list[int]) -> None:
+        self.cache = cache
+        self.layer_ids = list(layer_ids)
+        self.layers: list[_PrefixLayer] = []
+        self.done = 0
+        self.compressed = False
+        self.seconds = 0.0
+
+    def layer_prefilled(self, call: AttentionCall) -> None:
+        self.done += 1
+        if self.done == len(self.layers) and not self.compressed:
+            start = time.perf_counter()
+            with torch.no_grad():
+                self.compress(call)
+            for layer in self.layers:
+                layer.drop_prefix_tokens()
+            self.compressed = True
+            self.seconds = time.perf_counter() - start
+
+    def compress(self, call: AttentionCall) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return []
+
+    def set_tensors(self, tensors: list[torch.Tensor | None]) -> None:
+        pass
+
+    def nbytes(self) -> int:
+        return tensor_bytes(*self.tensors())
+
+    def apply(self, fn: Any) -> None:
+        self.set_tensors([fn(t) if t is not None else None for t in self.tensors()])
+
+    def reset(self) -> None:
+        self.set_tensors([None] * len(self.tensors()))
+        self.done = 0
+        self.compressed = False
+        self.seconds = 0.0
+
+
+class _PrefixLayer(KVLayer):
+    """A full-attention layer whose prefill tokens live in a compressed, group-shared form and whose
+    later tokens are stored plainly in ``keys``/``values`` (the "tail")."""
+
+    def __init__(self, cache: "_GroupedCache", group: _Group) -> None:
+        super().__init__()
+        self.cache, self.group = cache, group
+        self.prefix_len = 0
+        self.last_read = ReadCost()
+        self.total_read = ReadCost()
+
+    # -- storage ---------------------------------------------------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens to the tail. Once compressed, this returns the tail and the new
+        tokens only; :meth:`attend` reads the compressed prefix itself (compresskv's attention
+        function always routes this layer's attention there)."""
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        self.stored_before += self.prefix_len
+        return keys, values
+
+    def stored(self) -> int:
+        return self.prefix_len + super().stored()
+
+    def compress(self, call: AttentionCall) -> None:
+        self.cache._prefilled(self, call)
+        self.group.layer_prefilled(call)
+
+    def drop_prefix_tokens(self) -> None:
+        """Forget the full prefill K/V once the group holds them compressed."""
+        b, h, t, d = self.keys.shape
+        self.prefix_len = t
+        self.keys = self.keys.new_empty(b, h, 0, d)
+        self.values = self.values.new_empty(b, h, 0, self.values.shape[-1])
+
+    def own_tensors(self) -> list[torch.Tensor | None]:
+        return []
+
+    def set_own_tensors(self, tensors: list[torch.Tensor | None]) -> None:
+        pass
+
+    def nbytes(self) -> int:
+        return super().nbytes() + tensor_bytes(*self.own_tensors())
+
+    def _select_batch(self, fn: Any) -> None:
+        super()._select_batch(fn)
+        self.set_own_tensors([fn(t) if t is not None else None for t in self.own_tensors()])
+
+    def reset(self) -> None:
+        super().reset()
+        self.prefix_len = 0
+        self.set_own_tensors([None] * len(self.own_tensors()))
+        self.group.reset()
+        self.last_read, self.total_read = ReadCost(), ReadCost()
+
+    # -- reading ---------------------------------------------------------------------------
+    def attend(self, call: AttentionCall, fn: Any, mask: Any) -> tuple[torch.Tensor, Any]:
+        if not self.prefix_len:
+            return super().attend(call, fn, mask)
+        start = time.perf_counter()
+        cost = ReadCost(reads=1)
+        if self.cache.read_mode != "model" and self._direct_ok(call):
+            out = self._direct_attention(call, mask, cost)
+        else:
+            keys, values = self.rebuild_prefix(cost)
+            keys = torch.cat([keys, call.key], dim=-2)
+            values = torch.cat([values, call.value], dim=-2)
+            cost.transient_bytes = max(cost.transient_bytes, tensor_bytes(keys, values))
+            out = fn(call.module, call.query, keys, values, mask, **call.kwargs)
+        cost.seconds = time.perf_counter() - start
+        self.last_read = cost
+        self.total_read.add(cost)
+        return out
+
+    def _direct_ok(self, call: AttentionCall) -> bool:
+        """Whether this layer may compute attention itself (plain softmax attention, the eager/sdpa
+        semantics); otherwise the prefix is rebuilt and the model's own attention function runs."""
+        module = call.module
+        if call.base not in ("eager", "sdpa") or getattr(module, "sinks", None) is not None:
+            return False
+        if getattr(getattr(module, "config", None), "attn_logit_softcapping", None):
+            return False
+        if module.training and float(call.kwargs.get("dropout", 0.0) or 0.0) > 0.0:
+            return False
+        return call.kwargs.get("sliding_window") is None
+
+    def _direct_attention(self, call: AttentionCall, mask: Any, cost: ReadCost) -> tuple[torch.Tensor, Any]:
+        query = call.query
+        bsz, n_q, q_len, dim = query.shape
+        n_kv = call.key.shape[1]
+        groups = n_q // n_kv
+        qg = query.reshape(bsz, n_kv, groups * q_len, dim)
+        prefix = self.prefix_logits(qg, cost)
+        tail = qg @ call.key.transpose(-1, -2)
+        logits = torch.cat([prefix, tail], dim=-1).mul_(call.scaling)
+        if mask is not None:
+            m = mask.expand(bsz, n_q, q_len, logits.shape[-1]).reshape(bsz, n_kv, groups * q_len, -1)
+            if m.dtype == torch.bool:
+                logits = logits.masked_fill(~m, torch.finfo(logits.dtype).min)
+            else:
+                logits = logits + m
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+        cost.transient_bytes = max(cost.transient_bytes, tensor_bytes(prefix, logits, probs))
+        out = self.prefix_output(probs[..., : self.prefix_len], cost) + probs[..., self.prefix_len :] @ call.value
+        out = out.reshape(bsz, n_q, q_len, -1).transpose(1, 2).contiguous()
+        weights = probs.reshape(bsz, n_q, q_len, -1) if call.base == "eager" else None
+        return out, weights
+
+    def prefix_logits(self, qg: torch.Tensor, cost: ReadCost) -> torch.Tensor:  # pragma: no cover
+        """``qg · K_prefixᵀ``, ``[batch, kv_heads, groups·q_len, prefix]`` (unscaled)."""
+        raise NotImplementedError
+
+    def prefix_output(self, probs: torch.Tensor, cost: ReadCost) -> torch.Tensor:  # pragma: no cover
+        """``probs · V_prefix``, ``[batch, kv_heads, groups·q_len, head_dim]``."""
+        raise NotImplementedError
+
+    def rebuild_prefix(self, cost: ReadCost) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        """The prefix K (rotated) and V as the model would have them, ``[batch, kv_heads, prefix, d]``."""
+        raise NotImplementedError
+
+
+# -- xKV -----------------------------------------------------------------------------------------
+class _XKVGroup(_Group):
+    def __init__(self, cache: "XKVCache", layer_ids: list[int]) -> None:
+        super().__init__(cache, layer_ids)
+        self.latent_k: torch.Tensor | None = None
+        self.latent_v: torch.Tensor | None = None
+        self.rank_k: int | None = None
+        self.rank_v: int | None = None
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.latent_k, self.latent_v]
+
+    def set_tensors(self, tensors: list[torch.Tensor | None]) -> None:
+        self.latent_k, self.latent_v = tensors
+
+    def reset(self) -> None:
+        super().reset()
+        self.rank_k = self.rank_v = None
+
+    def compress(self, call: AttentionCall) -> None:
+        cache: XKVCache = self.cache  # type: ignore[assignment]
+        first = self.layers[0]
+        bsz, n_kv, length, dim = first.keys.shape
+        dtype = first.keys.dtype
+        real = call.pad2d[:, -length:].to(torch.bool) if call.pad2d is not None else None
+        rank_k, rank_v = cache.group_ranks(len(self.layers), length, n_kv, dim)
+        self.rank_k, self.rank_v = rank_k, rank_v
+        cos = sin = None
+        if cache.keys_mode == "pre_rope":
+            pos = call.position_ids
+            pos = (
+                torch.arange(length, device=first.keys.device).expand(bsz, length)
+                if pos is None
+                else pos[..., -length:].expand(bsz, length)
+            )
+            cos, sin = cache.rope.prefill_table(pos)
+            cos, sin = cos[:, None], sin[:, None]
+        width = n_kv * dim
+        for kind, rank in (("k", rank_k), ("v", rank_v)):
+            cols = []
+            for layer in self.layers:
+                x = (layer.keys if kind == "k" else layer.values).float()
+                if kind == "k" and cos is not None:
+                    x = cache.rope.unrotate(x, cos, sin)
+                cols.append(x.transpose(1, 2).reshape(bsz, length, width))
+            matrix = torch.cat(cols, dim=-1)
+            if real is not None:
+                matrix = matrix * real[..., None]
+            latent, factor = truncated_factors(matrix, rank, cache.svd_solver)
+            if real is not None:
+                latent = latent * real[..., None]  # padding rows exactly zero (LAPACK leaves ~1e-7)
+            setattr(self, f"latent_{kind}", latent.to(dtype).contiguous())
+            for i, layer in enumerate(self.layers):
+                setattr(layer, f"factor_{kind}", factor[..., i * width : (i + 1) * width].to(dtype).contiguous())
+
+
+class XKVLayer(_PrefixLayer):
+    """One layer of an xKV group: its own key/value factors ``[batch, r, kv_heads·head_dim]``."""
+
+    group: _XKVGroup
+
+    def __init__(self, cache: "XKVCache", group: _XKVGroup) -> None:
+        super().__init__(cache, group)
+        self.factor_k: torch.Tensor | None = None
+        self.factor_v: torch.Tensor | None = None
+
+    def own_tensors(self) -> list[torch.Tensor | None]:
+        return [self.factor_k, self.factor_v]
+
+    def set_own_tensors(self, tensors: list[torch.Tensor | None]) -> None:
+        self.factor_k, self.factor_v = tensors
+
+    def _use_latent(self, rows: int, rank: int, n_kv: int, dim: int) -> bool:
+        mode = self.cache.read_mode
+        if mode in ("latent", "rebuild"):
+            return mode == "latent"
+        length = self.prefix_len
+        latent = n_kv * rows * rank * (length + dim)
+        rebuild = length * rank * n_kv * dim + n_kv * rows * length * dim
+        return latent <= rebuild
+
+    def _keys_block(self, start: int, end: int, cost: ReadCost) -> torch.Tensor:
+        """Rebuilt (and, for pre-RoPE keys, re-rotated) keys of prefix tokens ``start:end``,
+        ``[batch, kv_heads, n, head_dim]``."""
+        latent, factor = self.group.latent_k, self.factor_k
+        bsz, rank = latent.shape[0], latent.shape[-1]
+        n_kv, dim = self.keys.shape[1], self.keys.shape[-1]
+        block = (latent[:, start:end] @ factor).view(bsz, end - start, n_kv, dim)
+        cost.flops += bsz * (end - start) * rank * n_kv * dim
+        if self.cache.keys_mode == "pre_rope":
+            cos, sin = self.cache.rope.table(self.cache.positions.get(start, end))
+            cos, sin = cos[:, :, None].to(block.dtype), sin[:, :, None].to(block.dtype)
+            block = block * cos + rotate_half(block) * sin
+        cost.rebuilt_bytes += tensor_bytes(block)
+        return block.transpose(1, 2)
+
+    def _values_block(self, start: int, end: int, cost: ReadCost) -> torch.Tensor:
+        latent, factor = self.group.latent_v, self.factor_v
+        bsz, rank = latent.shape[0], latent.shape[-1]
+        n_kv, dim = self.values.shape[1], self.values.shape[-1]
+        block = (latent[:, start:end] @ factor).view(bsz, end - start, n_kv, dim)
+        cost.flops += bsz * (end - start) * rank * n_kv * dim
+        cost.rebuilt_bytes += tensor_bytes(block)
+        return block.transpose(1, 2)
+
+    def prefix_logits(self, qg: torch.Tensor, cost: ReadCost) -> torch.Tensor:
+        latent, factor = self.group.latent_k, self.factor_k
+        bsz, length, rank = latent.shape
+        _, n_kv, rows, dim = qg.shape
+        if self.cache.keys_mode == "post_rope" and self._use_latent(rows, rank, n_kv, dim):
+            projected = qg @ factor.view(bsz, rank, n_kv, dim).permute(0, 2, 3, 1)
+            logits = projected @ latent[:, None].transpose(-1, -2)
+            cost.flops += bsz * n_kv * rows * rank * (dim + length)
+            return logits
+        chunk = self.cache.read_chunk
+        pieces = []
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            block = self._keys_block(start, end, cost)
+            pieces.append(qg @ block.transpose(-1, -2))
+            cost.transient_bytes = max(cost.transient_bytes, 2 * tensor_bytes(block))
+            cost.flops += bsz * n_kv * rows * (end - start) * dim
+        return torch.cat(pieces, dim=-1)
+
+    def prefix_output(self, probs: torch.Tensor, cost: ReadCost) -> torch.Tensor:
+        latent, factor = self.group.latent_v, self.factor_v
+        bsz, length, rank = latent.shape
+        _, n_kv, rows, _ = probs.shape
+        dim = self.values.shape[-1]
+        if self._use_latent(rows, rank, n_kv, dim):
+            mixed = probs @ latent[:, None]
+            cost.flops += bsz * n_kv * rows * rank * (length + dim)
+            return mixed @ factor.view(bsz, rank, n_kv, dim).transpose(1, 2)
+        chunk = self.cache.read_chunk
+        out = None
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            block = self._values_block(start, end, cost)
+            part = probs[..., start:end] @ block
+            cost.transient_bytes = max(cost.transient_bytes, tensor_bytes(block))
+            cost.flops += bsz * n_kv * rows * (end - start) * dim
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+    def rebuild_prefix(self, cost: ReadCost) -> tuple[torch.Tensor, torch.Tensor]:
+        length = self.prefix_len
+        keys = self._keys_block(0, length, cost)
+        values = self._values_block(0, length, cost)
+        return keys, values
+
+
+class _GroupedCache(CompressedCache):
+    """Shared machinery of the grouped caches: which layers are compressed, in which groups, the
+    groups' shared tensors under batch operations, and the stats."""
+
+    method = "grouped"
+    #: how compressed prefixes are read: ``"auto"`` (cheapest of latent/rebuilt form), ``"latent"``,
+    #: ``"rebuild"`` (rebuild K/V block by block, attention computed here) or ``"model"`` (rebuild
+    #: the whole prefix and call the model's own attention function). All give the same result.
+    read_mode: str = "auto"
+    #: prefix tokens rebuilt at once when keys/values must be rebuilt (bounds the transient memory).
+    read_chunk: int = 1024
+
+    def _setup_groups(
+        self, model: torch.nn.Module, start_layer: Any, end_layer: Any, group_size: int, remainder: str
+    ) -> None:
+        owner = type(self).__name__
+        if remainder not in REMAINDERS:
+            raise ValueError(f"{owner}: remainder must be one of {list(REMAINDERS)}, got {remainder!r}.")
+        n_layers = text_config(model).num_hidden_layers
+        for name, value in (("start_layer", start_layer), ("end_layer", end_layer)):
+            if not _is_int(value) or not -n_layers <= value < n_layers:
+                raise ValueError(
+                    f"{owner}: {name} must be a layer index in [0, {n_layers}) (negative counts from the end), "
+                    f"got {value!r}."
+                )
+        start = start_layer % n_layers
+        end = end_layer % n_layers
+        if start > end:
+            raise ValueError(f"{owner}: start_layer={start_layer} comes after end_layer={end_layer}.")
+        chosen = [i for i in full_attention_layers(model) if start <= i <= end]
+        if not chosen:
+            raise ValueError(f"{owner}: no full-attention layer between start_layer={start} and end_layer={end}.")
+        self.layer_range = (start, end)
+        self.group_plan = plan_groups(chosen, group_size, remainder, owner)
+        self.groups: list[_Group] = [self._new_group(ids) for ids in self.group_plan]
+        self._group_of = {idx: group for group in self.groups for idx in group.layer_ids}
+        self.positions = PrefillPositions()
+
+    def _new_group(self, layer_ids: list[int]) -> _Group:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _new_layer(self, group: _Group) -> KVLayer:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def make_layer(self, rank: int, n_full: int) -> KVLayer:
+        group = self._group_of.get(self.full_layers[rank])
+        if group is None:
+            return KVLayer()
+        layer = self._new_layer(group)
+        if isinstance(layer, _PrefixLayer):
+            group.layers.append(layer)
+        return layer
+
+    def _prefilled(self, layer: _PrefixLayer, call: AttentionCall) -> None:
+        """Called by every compressed layer after its prefill attention, before its group compresses."""
+
+    # -- measurement -----------------------------------------------------------------------
+    def shared_tensors_nbytes(self) -> int:
+        """Bytes held once per cache (positions, RoPE state)."""
+        return 0
+
+    def nbytes(self) -> int:
+        return super().nbytes() + sum(g.nbytes() for g in self.groups) + self.shared_tensors_nbytes()
+
+    def _bytes_by_kind(self) -> dict[str, int]:
+        shared = sum(g.nbytes() for g in self.groups)
+        own = tails = valid = 0
+        for layer in self.layers:
+            if isinstance(layer, _PrefixLayer):
+                own += tensor_bytes(*layer.own_tensors())
+            if isinstance(layer, KVLayer):
+                tails += tensor_bytes(layer.keys, layer.values)
+                valid += tensor_bytes(layer.valid)
+            else:
+                tails += tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
+        return {"shared": shared, "per_layer": own, "uncompressed_tokens": tails, "validity": valid}
+
+    def stats(self) -> LowRankStats:
+        stored: list[int | None] = []
+        ranks_k: list[int | None] = []
+        ranks_v: list[int | None] = []
+        last, total = ReadCost(), ReadCost()
+        for idx, layer in enumerate(self.layers):
+            keys = getattr(layer, "keys", None)
+            if isinstance(layer, KVLayer) and layer.is_initialized:
+                stored.append(layer.stored())
+            else:
+                stored.append(int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None)
+            group = self._group_of.get(idx)
+            ranks_k.append(getattr(group, "rank_k", None) if group is not None and group.compressed else None)
+            ranks_v.append(getattr(group, "rank_v", None) if group is not None and group.compressed else None)
+            if isinstance(layer, _PrefixLayer):
+                last.add(layer.last_read)
+                total.add(layer.total_read)
+        return LowRankStats(
+            method=self.method,
+            tokens_seen=self.get_seq_length(self.full_layers[0]),
+            tokens_stored=stored,
+            nbytes=self.nbytes(),
+            uncompressed_nbytes=self.uncompressed_nbytes(),
+            keys=getattr(self, "keys_mode", None),
+            groups=[list(g.layer_ids) for g in self.groups],
+            ranks_k=ranks_k,
+            ranks_v=ranks_v,
+            bytes_by_kind=self._bytes_by_kind(),
+            compress_seconds=sum(g.seconds for g in self.groups),
+            last_read=asdict(last),
+            total_read=asdict(total),
+            extra=self._extra_stats(),
+        )
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return {}
+
+    # -- batch operations on the shared tensors ----------------------------------------------
+    def _apply_shared(self, fn: Any) -> None:
+        for group in self.groups:
+            group.apply(fn)
+        self.positions.apply(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._apply_shared(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._apply_shared(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._apply_shared(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def reset(self) -> None:
+        super().reset()
+        for group in self.groups:
+            group.reset()
+        self.positions.reset()
+
+
+class XKVCache(_GroupedCache):
+    """xKV: cross-layer SVD of the prompt's K/V, stored as a shared token latent per group of
+    ``group_size`` adjacent layers plus a small factor per layer (arXiv 2503.18893).
+
+    Args:
+        model: the transformers model the cache is for (its attention is switched to compresskv's).
+        group_size: adjacent compressed layers sharing one latent (``1`` is single-layer SVD).
+        rank_k: SVD rank of each group's keys (the paper: 512 for groups of 4 on Llama-3.1-8B); at
+            most ``group_size·kv_heads·head_dim`` (the matrix's columns). A prompt shorter than a
+            rank is stored at full rank (the rank is clamped to ``T``).
+        rank_v: SVD rank of each group's values (the paper: 768 for groups of 4), same bounds.
+        compression_ratio: instead of ranks, the fraction of the compressed layers' K/V bytes removed
+            (kvpress convention: ``0.875`` is 8× smaller), in [0, 1); ranks are derived per prompt
+            from the bytes formula (:func:`ranks_for_ratio`), keys getting ``key_rank_fraction`` of it.
+        start_layer: first model layer compressed (negative counts from the end). Layers outside
+            ``start_layer..end_layer`` stay uncompressed; only full-attention layers are ever compressed.
+        end_layer: last model layer compressed (inclusive; ``-1`` is the last).
+        keys: ``"pre_rope"`` (default, as the paper: keys are un-rotated with the model's rotary
+            embedding before the SVD and re-rotated on read) or ``"post_rope"``.
+        remainder: what to do when ``group_size`` does not divide the compressed layers:
+            ``"error"`` (default) or ``"last_group"`` (the leftover layers form a smaller last group;
+            explicit ranks are scaled to its size).
+        key_rank_fraction: with ``compression_ratio``, the share of ``r_k + r_v`` given to keys.
+        svd_solver: ``"svd"`` (``torch.linalg.svd`` in fp32, default) or ``"gram"`` (eigenvectors of
+            the Gram matrix in fp64: faster for long prompts, same result up to rounding).
+
+    What is stored, per batch row: per group, the latents ``[T, r_k]`` and ``[T, r_v]``; per layer,
+    the factors ``[r_k, kv_heads·head_dim]`` and ``[r_v, kv_heads·head_dim]``; tokens decoded later,
+    uncompressed; for pre-RoPE keys the prefill positions (one int64 offset per row in the usual
+    case); a validity mask per layer when the batch is padded. All are counted by :meth:`nbytes`.
+    """
+
+    method = "xkv"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        group_size: int = 4,
+        rank_k: int | None = None,
+        rank_v: int | None = None,
+        compression_ratio: float | None = None,
+        start_layer: int = 0,
+        end_layer: int = -1,
+        keys: KeysMode = "pre_rope",
+        remainder: str = "error",
+        key_rank_fraction: float = 0.4,
+        svd_solver: str = "svd",
+    ) -> None:
+        owner = type(self).__name__
+        config = text_config(model)
+        n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if not _is_int(group_size) or group_size < 1:
+            raise ValueError(f"{owner}: group_size must be an int >= 1, got {group_size!r}.")
+        if keys not in KEYS_MODES:
+            raise ValueError(f"{owner}: keys must be one of {list(KEYS_MODES)}, got {keys!r}.")
+        if svd_solver not in SVD_SOLVERS:
+            raise ValueError(f"{owner}: svd_solver must be one of {list(SVD_SOLVERS)}, got {svd_solver!r}.")
+        ranks_given = rank_k is not None or rank_v is not None
+        if ranks_given == (compression_ratio is not None):
+            raise ValueError(
+                f"{owner}: give either rank_k= and rank_v= (SVD ranks per group) or compression_ratio= "
+                f"(fraction of the compressed layers' K/V bytes removed, in [0, 1)), exactly one of the two; "
+                f"got rank_k={rank_k!r}, rank_v={rank_v!r}, compression_ratio={compression_ratio!r}."
+            )
+        width = group_size * n_kv * head_dim
+        if ranks_given and (rank_k is None or rank_v is None):
+            raise ValueError(
+                f"{owner}: give both rank_k= and rank_v= (the paper uses r_v = 1.5 r_k), got rank_k={rank_k!r}, "
+                f"rank_v={rank_v!r}; or give compression_ratio= instead."
+            )
+        if ranks_given:
+            for name, rank in (("rank_k", rank_k), ("rank_v", rank_v)):
+                if not _is_int(rank) or not 1 <= rank <= width:
+                    raise ValueError(
+                        f"{owner}: {name} must be an int in [1, {width}]: a group of {group_size} layer(s) x "
+                        f"{n_kv} KV heads x head_dim {head_dim} has {width} columns, so its rank is at most "
+                        f"{width}; got {name}={rank!r}."
+                    )
+        if compression_ratio is not None and not (_is_number(compression_ratio) and 0.0 <= compression_ratio < 1.0):
+            raise ValueError(
+                f"{owner}: compression_ratio is the fraction of K/V bytes removed and must be in [0, 1) "
+                f"(0.75 = 4x smaller), got {compression_ratio!r}."
+            )
+        if not (_is_number(key_rank_fraction) and 0.0 < key_rank_fraction < 1.0):
+            raise ValueError(f"{owner}: key_rank_fraction must be in (0, 1), got {key_rank_fraction!r}.")
+        self.group_size, self.rank_k, self.rank_v = group_size, rank_k, rank_v
+        self.compression_ratio, self.keys_mode, self.svd_solver = compression_ratio, keys, svd_solver
+        self.key_rank_fraction = float(key_rank_fraction)
+        self._setup_groups(model, start_layer, end_layer, group_size, remainder)
+        self.rope = RotaryTable(model, owner) if keys == "pre_rope" else None
+        super().__init__(model)
+
+    def _new_group(self, layer_ids: list[int]) -> _Group:
+        return _XKVGroup(self, layer_ids)
+
+    def _new_layer(self, group: _Group) -> KVLayer:
+        return XKVLayer(self, group)  # type: ignore[arg-type]
+
+    def group_ranks(self, group_len: int, tokens: int, n_kv: int, head_dim: int) -> tuple[int, int]:
+        """(r_k, r_v) of a group of ``group_len`` layers for a prefill of ``tokens`` tokens."""
+        if self.compression_ratio is not None:
+            return ranks_for_ratio(self.compression_ratio, tokens, group_len, n_kv, head_dim, self.key_rank_fraction)
+        assert self.rank_k is not None and self.rank_v is not None
+        rank_k, rank_v = self.rank_k, self.rank_v
+        if group_len != self.group_size:  # a smaller last group (remainder="last_group")
+            rank_k = max(1, round(rank_k * group_len / self.group_size))
+            rank_v = max(1, round(rank_v * group_len / self.group_size))
+        top = min(tokens, group_len * n_kv * head_dim)
+        return min(rank_k, top), min(rank_v, top)
+
+    def _prefilled(self, layer: _PrefixLayer, call: AttentionCall) -> None:
+        if self.keys_mode == "pre_rope" and not self.positions.is_set:
+            bsz, _, length, _ = layer.keys.shape
+            real = call.pad2d[:, -length:].to(torch.bool) if call.pad2d is not None else None
+            self.positions.set(call.position_ids, real, bsz, length, layer.keys.device)
+
+    def shared_tensors_nbytes(self) -> int:
+        return self.positions.nbytes() + (self.rope.nbytes() if self.rope is not None else 0)
+
+    def _bytes_by_kind(self) -> dict[str, int]:
+        out = super()._bytes_by_kind()
+        out["positions"] = self.positions.nbytes()
+        out["rope"] = self.rope.nbytes() if self.rope is not None else 0
+        return out
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return {"group_size": self.group_size, "svd_solver": self.svd_solver, "read_mode": self.read_mode}
+
+
+class SVDCache(XKVCache):
+    """Single-layer SVD: :class:`XKVCache` with ``group_size=1`` (each layer factorised on its own),
+    the baseline xKV is compared against. Same arguments, without ``group_size``/``remainder``."""
+
+    method = "svd"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        rank_k: int | None = None,
+        rank_v: int | None = None,
+        compression_ratio: float | None = None,
+        start_layer: int = 0,
+        end_layer: int = -1,
+        keys: KeysMode = "pre_rope",
+        key_rank_fraction: float = 0.4,
+        svd_solver: str = "svd",
+    ) -> None:
+        super().__init__(
+            model,
+            group_size=1,
+            rank_k=rank_k,
+            rank_v=rank_v,
+            compression_ratio=compression_ratio,
+            start_layer=start_layer,
+            end_layer=end_layer,
+            keys=keys,
+            key_rank_fraction=key_rank_fraction,
+            svd_solver=svd_solver,
+        )
+
+
+# -- MiniCache -----------------------------------------------------------------------------------
+def slerp_merge(
+    xa: torch.Tensor, xb: torch.Tensor, t: float, real: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge two layers' vectors (``[batch, heads, T, d]``, fp32) per token and head.
+
+    Returns ``(direction, norm_a, norm_b, distance)``: the SLERP at ``t`` of the two unit
+    directions (renormalised; linear interpolation where they are parallel), each layer's norms,
+    and the angular distance ``arccos(cos)/π`` in [0, 1] (``-inf`` at padding tokens).
+    """
+    norm_a, norm_b = xa.norm(dim=-1), xb.norm(dim=-1)
+    ua = xa / norm_a.clamp_min(1e-12)[..., None]
+    ub = xb / norm_b.clamp_min(1e-12)[..., None]
+    cos = (ua * ub).sum(dim=-1).clamp(-1.0, 1.0)
+    theta = torch.acos(cos)
+    sin = torch.sin(theta)
+    near = sin < 1e-6
+    safe = torch.where(near, torch.ones_like(sin), sin)
+    wa = torch.where(near, torch.full_like(sin, 1.0 - t), torch.sin((1.0 - t) * theta) / safe)
+    wb = torch.where(near, torch.full_like(sin, t), torch.sin(t * theta) / safe)
+    direction = wa[..., None] * ua + wb[..., None] * ub
+    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    distance = theta / math.pi
+    if real is not None:
+        distance = distance.masked_fill(~real[:, None, :], float("-inf"))
+    return direction, norm_a, norm_b, distance
+
+
+def retention_index(distance: torch.Tensor, gamma: float, real: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens kept unmerged: per batch row, those whose angular distance lies in the top ``gamma``
+    of the row's observed range (``d ≥ d_max − gamma·(d_max − d_min)``, over KV heads and real
+    tokens). Every (row, head) keeps the same number ``n`` of tokens (the largest count of any
+    row and head), its ``n`` most divergent. Returns ``[batch, heads, n]`` ascending indices."""
+    bsz, n_kv, length = distance.shape
+    finite = torch.isfinite(distance)
+    hi = distance.masked_fill(~finite, float("-inf")).amax(dim=(1, 2))
+    lo = distance.masked_fill(~finite, float("inf")).amin(dim=(1, 2))
+    threshold = hi - gamma * (hi - lo)
+    above = (distance >= threshold[:, None, None]) & finite
+    count = int(above.sum(dim=-1).max()) if above.numel() else 0
+    count = max(1, min(count, length))
+    return distance.topk(count, dim=-1).indices.sort(dim=-1).values
+
+
+class _MiniGroup(_Group):
+    def __init__(self, cache: "MiniCache", layer_ids: list[int]) -> None:
+        super().__init__(cache, layer_ids)
+        self.direction_k: torch.Tensor | None = None
+        self.direction_v: torch.Tensor | None = None
+        self.index_k: torch.Tensor | None = None
+        self.index_v: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.direction_k, self.direction_v, self.index_k, self.index_v]
+
+    def set_tensors(self, tensors: list[torch.Tensor | None]) -> None:
+        self.direction_k, self.direction_v, self.index_k, self.index_v = tensors
+
+    def compress(self, call: AttentionCall) -> None:
+        cache: MiniCache = self.cache  # type: ignore[assignment]
+        layer_a, layer_b = self.layers
+        length = layer_a.keys.shape[-2]
+        dtype = layer_a.keys.dtype
+        real = call.pad2d[:, -length:].to(torch.bool) if call.pad2d is not None else None
+        index_dtype = torch.int16 if length <= 2**15 else torch.int32
+        for kind in ("k", "v"):
+            xa = (layer_a.keys if kind == "k" else layer_a.values).float()
+            xb = (layer_b.keys if kind == "k" else layer_b.values).float()
+            direction, norm_a, norm_b, distance = slerp_merge(xa, xb, cache.t, real)
+            index = retention_index(distance, cache.gamma, real)
+            gather = index[..., None].expand(-1, -1, -1, xa.shape[-1])
+            if real is not None:
+                direction = direction * real[:, None, :, None]
+            setattr(self, f"direction_{kind}", direction.to(dtype).contiguous())
+            setattr(self, f"index_{kind}", index.to(index_dtype).contiguous())
+            for layer, x, norm in ((layer_a, xa, norm_a), (layer_b, xb, norm_b)):
+                # Magnitudes are zero where the token is retained, so the merged term vanishes there.
+                setattr(layer, f"magnitude_{kind}", norm.scatter(2, index, 0.0).to(dtype).contiguous())
+                setattr(layer, f"retained_{kind}", x.gather(2, gather).to(dtype).contiguous())
+
+
+class MiniCacheLayer(_PrefixLayer):
+    """One layer of a MiniCache pair: per-token magnitudes (``[batch, kv_heads, T]``) and the
+    original vectors of the retained tokens (``[batch, kv_heads, n, head_dim]``)."""
+
+    group: _MiniGroup
+
+    def __init__(self, cache: "MiniCache", group: _MiniGroup) -> None:
+        super().__init__(cache, group)
+        self.magnitude_k: torch.Tensor | None = None
+        self.magnitude_v: torch.Tensor | None = None
+        self.retained_k: torch.Tensor | None = None
+        self.retained_v: torch.Tensor | None = None
+
+    def own_tensors(self) -> list[torch.Tensor | None]:
+        return [self.magnitude_k, self.magnitude_v, self.retained_k, self.retained_v]
+
+    def set_own_tensors(self, tensors: list[torch.Tensor | None]) -> None:
+        self.magnitude_k, self.magnitude_v, self.retained_k, self.retained_v = tensors
+
+    def prefix_logits(self, qg: torch.Tensor, cost: ReadCost) -> torch.Tensor:
+        direction, index = self.group.direction_k, self.group.index_k.long()
+        bsz, n_kv, rows, dim = qg.shape
+        logits = (qg @ direction.transpose(-1, -2)) * self.magnitude_k[:, :, None, :]
+        kept = qg @ self.retained_k.transpose(-1, -2)
+        logits.scatter_add_(-1, index[:, :, None, :].expand(-1, -1, rows, -1), kept)
+        cost.flops += bsz * n_kv * rows * (direction.shape[-2] + index.shape[-1]) * dim
+        return logits
+
+    def prefix_output(self, probs: torch.Tensor, cost: ReadCost) -> torch.Tensor:
+        direction, index = self.group.direction_v, self.group.index_v.long()
+        bsz, n_kv, rows, _ = probs.shape
+        weighted = probs * self.magnitude_v[:, :, None, :]
+        kept = probs.gather(-1, index[:, :, None, :].expand(-1, -1, rows, -1))
+        cost.transient_bytes = max(cost.transient_bytes, tensor_bytes(weighted))
+        cost.flops += bsz * n_kv * rows * (direction.shape[-2] + index.shape[-1]) * direction.shape[-1]
+        return weighted @ direction + kept @ self.retained_v
+
+    def rebuild_prefix(self, cost: ReadCost) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for kind in ("k", "v"):
+            direction = getattr(self.group, f"direction_{kind}")
+            index = getattr(self.group, f"index_{kind}").long()
+            full = direction * getattr(self, f"magnitude_{kind}")[..., None]
+            full = full.scatter(2, index[..., None].expand(-1, -1, -1, full.shape[-1]), getattr(self, f"retained_{kind}"))
+            cost.rebuilt_bytes += tensor_bytes(full)
+            out.append(full)
+        return out[0], out[1]
+
+
+class MiniCache(_GroupedCache):
+    """MiniCache (arXiv 2405.14366): merge the K/V of adjacent layer pairs ``(l, l+1)``, from the
+    middle of the model to ``end_layer``, into one shared direction per token and KV head.
+
+    Per token and KV head, both layers' vectors are split into magnitude and direction; the
+    directions are interpolated by SLERP at ``t`` into one unit direction shared by the pair; each
+    layer keeps its magnitudes; tokens whose two vectors diverge most (angular distance
+    ``arccos(cos)/π`` in the top ``gamma`` of the row's range) keep both originals, unmerged.
+    Keys are merged post-RoPE (a rotation preserves norms and angles, so merging before or after
+    RoPE is the same). Attention is computed from the merged form directly.
+
+    Args:
+        model: the transformers model the cache is for.
+        start_layer: first merged layer (default: the middle layer ``L // 2``, moved one layer
+            deeper when that leaves an odd number of layers).
+        end_layer: last merged layer (inclusive, default the last).
+        t: SLERP interpolation weight towards the deeper layer of a pair (paper: 0.6).
+        gamma: retention threshold in [0, 1] (paper: 0.05); ``1`` retains every token (exact).
+        remainder: ``"error"`` when the range has an odd number of layers, or ``"last_group"`` to
+            leave the last one unmerged.
+
+    Stored per pair and per K/V: the shared direction ``[batch, kv_heads, T, d]`` and the retained
+    token indices ``[batch, kv_heads, n]`` (int16); per layer: magnitudes ``[batch, kv_heads, T]``
+    and retained originals ``[batch, kv_heads, n, d]``. A pair stores a little over half of what
+    its two layers held, so MiniCache alone cannot compress beyond about 2×.
+    """
+
+    method = "minicache"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        start_layer: int | None = None,
+        end_layer: int = -1,
+        t: float = 0.6,
+        gamma: float = 0.05,
+        remainder: str = "error",
+    ) -> None:
+        owner = type(self).__name__
+        if not (_is_number(t) and 0.0 <= t <= 1.0):
+            raise ValueError(f"{owner}: t is the SLERP weight and must be in [0, 1], got {t!r}.")
+        if not (_is_number(gamma) and 0.0 <= gamma <= 1.0):
+            raise ValueError(f"{owner}: gamma is the retention threshold and must be in [0, 1], got {gamma!r}.")
+        n_layers = text_config(model).num_hidden_layers
+        if start_layer is None:
+            start_layer = n_layers // 2
+            if _is_int(end_layer) and -n_layers <= end_layer < n_layers:
+                if ((end_layer % n_layers) - start_layer + 1) % 2:
+                    start_layer += 1
+        self.t, self.gamma = float(t), float(gamma)
+        self.keys_mode = "post_rope"
+        self._setup_groups(model, start_layer, end_layer, 2, remainder)
+        super().__init__(model)
+
+    def _new_group(self, layer_ids: list[int]) -> _Group:
+        return _MiniGroup(self, layer_ids)
+
+    def _new_layer(self, group: _Group) -> KVLayer:
+        if len(group.layer_ids) < 2:
+            return KVLayer()  # the odd layer out of remainder="last_group" has nothing to merge with
+        return MiniCacheLayer(self, group)  # type: ignore[arg-type]
+
+    def _extra_stats(self) -> dict[str, Any]:
+        retained = []
+        for group in self.groups:
+            if isinstance(group, _MiniGroup) and group.index_k is not None:
+                retained.append((int(group.index_k.shape[-1]), int(group.index_v.shape[-1])))
+            else:
+                retained.append(None)
+        return {"t": self.t, "gamma": self.gamma, "retained_tokens_kv": retained, "read_mode": self.read_mode}
+
+
+__all__ = [
+    "KEYS_MODES",
+    "LowRankStats",
+    "MiniCache",
+    "MiniCacheLayer",
+    "PrefillPositions",
+    "ReadCost",
+    "RotaryTable",
+    "SVDCache",
+    "XKVCache",
+    "XKVLayer",
+    "full_attention_layers",
+    "plan_groups",
+    "ranks_for_ratio",
+    "retention_index",
+    "rotate_half",
+    "slerp_merge",
+    "truncated_factors",
+]
