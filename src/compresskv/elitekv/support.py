@@ -18,6 +18,7 @@ def text_config(model: Any) -> Any:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers (``model.model.layers``)."""
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if layers is None:
@@ -29,10 +30,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Each decoder layer's ``self_attn``."""
     return [layer.self_attn for layer in decoder_layers(model)]
 
 
 def model_dims(model: torch.nn.Module) -> dict[str, int]:
+    """``hidden``, ``heads``, ``kv_heads``, ``head_dim`` and ``layers`` of a model's text config."""
     config = text_config(model)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -47,6 +50,7 @@ def model_dims(model: torch.nn.Module) -> dict[str, int]:
 
 
 def is_converted(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is EliteKV-converted (its config has an ``elitekv`` entry)."""
     return bool(getattr(getattr(model, "config", None), "elitekv", None))
 
 
