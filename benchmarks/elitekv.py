@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-selection-only", action="store_true", help="skip the full-rank-latent selection rows")
     p.add_argument("--depths", type=floats, default=floats("0.5"), help="needle depths (one question each)")
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--speed-steps", type=int, default=8, help="decode steps timed in reconstruct mode")
+    p.add_argument("--speed-steps", type=int, default=12, help="decode steps timed per path (interleaved)")
     p.add_argument("--rank-seq-len", type=int, default=1024)
     p.add_argument("--rank-windows", type=int, default=8)
     p.add_argument("--uptrain-ratio", type=float, default=0.25, help="cache ratio of the uptrained setting (<0: skip)")
@@ -106,9 +106,8 @@ def machine(threads: int) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def needle(model: Any, tokenizer: Any, task: Any, cache: Any, max_new: int, speed_steps: int = 0) -> dict[str, Any]:
-    """Greedy answer with ``cache``; decode speed of the default path and, with ``speed_steps``, of
-    the reconstruct path (converted models) over the same cache."""
+def needle(model: Any, tokenizer: Any, task: Any, cache: Any, max_new: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """Greedy answer with ``cache``; returns the row and the last token (the cache keeps the rest)."""
     ids = task.input_ids
     start = time.perf_counter()
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -131,21 +130,34 @@ def needle(model: Any, tokenizer: Any, task: Any, cache: Any, max_new: int, spee
         "cache_bytes": cache.nbytes() if hasattr(cache, "nbytes") else dynamic_cache_nbytes(cache),
         "tokens": task.length,
     }
-    if speed_steps and elitekv.is_converted(model):
-        modes = {}
-        for mode in ("absorb", "reconstruct"):
-            for module in model.modules():
-                if isinstance(module, elitekv.EliteKVAttention):
-                    module.attention_mode = mode
+    return row, token
+
+
+def set_mode(model: Any, mode: str) -> None:
+    for module in model.modules():
+        if isinstance(module, elitekv.EliteKVAttention):
+            module.attention_mode = mode
+
+
+@torch.inference_mode()
+def decode_speed(model: Any, cache: Any, token: torch.Tensor, ref: tuple[Any, Any, torch.Tensor], steps: int) -> dict[str, float]:
+    """Tokens/s of single-token decode steps, interleaved round-robin (so that a shared CPU's load
+    affects all alike): the converted model absorbed and reconstructing over its filled cache, and
+    the original model over its filled DynamicCache of the same prompt."""
+    original, ref_cache, ref_token = ref
+    seconds = {"absorb": 0.0, "reconstruct": 0.0, "original": 0.0}
+    names = list(seconds)
+    for step in range(steps):
+        for name in names[step % 3:] + names[: step % 3]:
             start = time.perf_counter()
-            for _ in range(speed_steps):
+            if name == "original":
+                original(input_ids=ref_token, past_key_values=ref_cache, use_cache=True)
+            else:
+                set_mode(model, name)
                 model(input_ids=token, past_key_values=cache, use_cache=True)
-            modes[mode] = speed_steps / (time.perf_counter() - start)
-        for module in model.modules():
-            if isinstance(module, elitekv.EliteKVAttention):
-                module.attention_mode = "auto"
-        row["decode_tok_s_absorb"], row["decode_tok_s_reconstruct"] = modes["absorb"], modes["reconstruct"]
-    return row
+            seconds[name] += time.perf_counter() - start
+    set_mode(model, "auto")
+    return {f"decode_tok_s_{k}": steps / v for k, v in seconds.items()}
 
 
 class Results:
@@ -177,24 +189,28 @@ class Results:
 
 
 def evaluate(model: Any, tokenizer: Any, ppl_task: Any, needles: list[Any], args: argparse.Namespace,
-             speed: bool, needle_too: bool = True) -> dict[str, Any]:
+             speed_ref: Any = None, needle_too: bool = True) -> dict[str, Any]:
     converted = elitekv.is_converted(model)
-    make = (lambda: compresskv.EliteKVCache(model)) if converted else (lambda: None)
+    make = (lambda: compresskv.EliteKVCache(model)) if converted else (lambda: transformers.DynamicCache(config=model.config))
     ppl = run_perplexity(model, ppl_task, make())
     row: dict[str, Any] = {
         "ppl": ppl["ppl"], "nll": ppl["nll"], "ppl_prefill_s": ppl["prefill_s"],
         "cache_bytes_prefix": ppl["cache_bytes_prefill"],
     }
     if needle_too:
-        runs = [needle(model, tokenizer, t, make() if converted else transformers.DynamicCache(config=model.config),
-                       args.max_new_tokens, args.speed_steps if (speed and i == 0) else 0)
-                for i, t in enumerate(needles)]
+        runs = []
+        for i, task in enumerate(needles):
+            cache = make()
+            run, token = needle(model, tokenizer, task, cache, args.max_new_tokens)
+            if i == 0 and speed_ref is not None and converted:
+                run.update(decode_speed(model, cache, token, speed_ref(), args.speed_steps))
+            runs.append(run)
         row["needle"] = runs
         row["needle_accuracy"] = sum(r["correct"] for r in runs) / len(runs)
         row["decode_tok_s"] = sum(r["decode_tok_s"] for r in runs) / len(runs)
         row["prefill_s"] = sum(r["prefill_s"] for r in runs) / len(runs)
         row["cache_bytes"] = runs[0]["cache_bytes"]
-        for k in ("decode_tok_s_absorb", "decode_tok_s_reconstruct"):
+        for k in ("decode_tok_s_absorb", "decode_tok_s_reconstruct", "decode_tok_s_original"):
             if k in runs[0]:
                 row[k] = runs[0][k]
     return row
@@ -237,6 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     ppl_task = make_perplexity_task(tokenizer, text_ids, args.length, args.continuation, seed=0)
     needles = [make_needle_task(tokenizer, length=args.length, depth=d, seed=i) for i, d in enumerate(args.depths)]
 
+    ref: dict[str, Any] = {}
+
+    def speed_ref() -> tuple[Any, Any, torch.Tensor]:
+        """The original model with its DynamicCache filled by the first needle prompt."""
+        if "ref" not in ref:
+            cache = transformers.DynamicCache(config=original.config)
+            _, token = needle(original, tokenizer, needles[0], cache, 2)
+            ref["ref"] = (original, cache, token)
+        return ref["ref"]
+
     def run(key: str, build: Any, speed: bool = False, needle_too: bool = True, extra: dict | None = None) -> None:
         if res.done(key):
             print(f"{key}: done already", flush=True)
@@ -250,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update({k: info[k] for k in ("rope_pairs", "kv_dim", "selection", "svd", "cache_ratio")})
             errs = info.get("reconstruction_error", {})
             row["joint_error"] = {k: sum(v) / len(v) for k, v in errs.items()}
-        row.update(evaluate(model, tokenizer, ppl_task, needles, args, speed, needle_too))
+        row.update(evaluate(model, tokenizer, ppl_task, needles, args, speed_ref if speed else None, needle_too))
         row["seconds"] = time.perf_counter() - start
         res.add(key, row)
         acc = row.get("needle_accuracy")
@@ -301,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             run(key, lambda: student, extra={"uptrain_tokens": record["tokens"], "uptrain_s": record["seconds"],
                                              "uptrain_device": record["device"]})
     res.data["total_seconds_last_run"] = time.perf_counter() - t_all
+    res.data["total_seconds"] = res.data.get("total_seconds", 0.0) + res.data["total_seconds_last_run"]
     res.data["machine"] = machine(args.threads)
     res.save()
     md = Path(str(args.out) + ".md")
@@ -336,7 +363,7 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
         "| cache ratio | selection | J-LRD | r | c | bytes vs full | ppl | needle | decode tok/s (vs full) |",
         "|---:|:---|:---|---:|---:|---:|---:|---:|---:|",
     ]
-    full_bytes = base.get("cache_bytes")
+    full_bytes = base.get("cache_bytes_prefix")
     full_decode = base.get("decode_tok_s")
     lines.append(f"| 1.0 | original (DynamicCache) | – | 32 | – | 1.000 | {_f(base.get('ppl'), '.3f')} | "
                  f"{_f(base.get('needle_accuracy'), '.0%')} | {_f(full_decode, '.1f')} |")
@@ -344,12 +371,12 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
         for key, row in rows.items():
             if not key.endswith(f"@{ratio:g}"):
                 continue
-            bytes_ratio = row["cache_bytes"] / full_bytes if full_bytes and row.get("cache_bytes") else None
+            bytes_ratio = row["cache_bytes_prefix"] / full_bytes if full_bytes else None
             dec = row.get("decode_tok_s")
             lines.append(
                 f"| {ratio:g} | {row['selection']} | {row['svd']} | {row['rope_pairs']} | {row['kv_dim']} | "
                 f"{_f(bytes_ratio, '.3f')} | {_f(row['ppl'], '.3f')} | {_f(row.get('needle_accuracy'), '.0%')} | "
-                f"{_f(dec, '.1f')} ({_f(dec / full_decode if dec and full_decode else None, '.2f')}) |"
+                f"{_f(dec, '.1f')}{f' ({dec / full_decode:.2f})' if dec and full_decode else ''} |"
             )
     sel_rows = [(k, r) for k, r in rows.items() if k.endswith("/full-rank")]
     if sel_rows:
@@ -364,21 +391,23 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
             "|:---|---:|---:|---:|",
         ]
         lines += [f"| {r['selection']} | {r['rope_pairs']} | {r['kv_dim']} | {_f(r['ppl'], '.3f')} |" for _, r in sel_rows]
-    speed = [(k, r) for k, r in rows.items() if "decode_tok_s_reconstruct" in r]
+    speed = [(k, r) for k, r in rows.items() if "decode_tok_s_original" in r]
     if speed:
         lines += [
             "",
             "## Decode speed at ~{} tokens".format(setup["length"]),
             "",
-            "Tokens/s of single-token decode steps over the same filled cache: the default (W_up absorbed into the "
-            "query side, MLA-style: the latent is never expanded) vs reconstructing K/V from the latent at each "
-            "step, vs the original model with a DynamicCache.",
+            f"Tokens/s of single-token decode steps after the needle prompt, {args.speed_steps} steps each, interleaved "
+            "round-robin so that the shared CPU's load hits all three alike: the converted model with `W_up` absorbed "
+            "into the query side (MLA-style, the default for decoding: the latent is never expanded), the same model "
+            "reconstructing K/V from the latent at every step, and the original model with a `DynamicCache`.",
             "",
-            "| setting | absorbed | reconstructed | original (DynamicCache) |",
-            "|:---|---:|---:|---:|",
+            "| setting | absorbed | reconstructed | original (DynamicCache) | absorbed / original |",
+            "|:---|---:|---:|---:|---:|",
         ]
         lines += [f"| {k} | {_f(r['decode_tok_s_absorb'], '.1f')} | {_f(r['decode_tok_s_reconstruct'], '.1f')} | "
-                  f"{_f(full_decode, '.1f')} |" for k, r in speed]
+                  f"{_f(r['decode_tok_s_original'], '.1f')} | "
+                  f"{_f(r['decode_tok_s_absorb'] / r['decode_tok_s_original'], '.2f')} |" for k, r in speed]
     upkey = next((k for k in rows if k.endswith("+uptrain")), None)
     if upkey and up:
         row = rows[upkey]
@@ -413,7 +442,8 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
         f"{_f(rank.get('seconds'), '.0f')} s. Machine: {m.get('device')} ({m.get('processor')}, {m.get('threads')} "
         f"threads, load average {m.get('loadavg_1_5_15')} at the end), torch {m.get('torch')}, transformers "
         f"{m.get('transformers')}. Times on a shared CPU are indicative only. Last run: "
-        f"{_f(data.get('total_seconds_last_run', 0) / 60, '.1f')} min.",
+        f"{_f(data.get('total_seconds_last_run', 0) / 60, '.1f')} min (all runs of this setup: "
+        f"{_f(data.get('total_seconds', 0) / 60, '.1f')} min).",
         "",
         f"Reproduce: `{data.get('command')}` (rerunning resumes from `{Path(str(args.out)).name}.json`).",
         "",
