@@ -349,7 +349,7 @@ def test_remainder_last_group_and_layer_range():
     (dict(rank_k=8, rank_v=8, compression_ratio=0.5), ["exactly one"]),
     (dict(compression_ratio=1.0), ["compression_ratio", "[0, 1)"]),
     (dict(compression_ratio=-0.1), ["compression_ratio", "[0, 1)"]),
-    (dict(group_size=3, rank_k=8, rank_v=8), ["group_size=3", "4 compressed layers", "[1, 2, 4]", "last_group"]),
+    (dict(group_size=3, rank_k=8, rank_v=8, remainder="error"), ["group_size=3", "4 compressed layers", "[1, 2, 4]", "last_group"]),
     (dict(group_size=8, rank_k=8, rank_v=8), ["group_size=8", "<= 4"]),
     (dict(group_size=0, rank_k=8, rank_v=8), ["group_size", ">= 1"]),
     (dict(rank_k=8, rank_v=8, keys="rope"), ["keys", "pre_rope", "post_rope"]),

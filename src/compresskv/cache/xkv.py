@@ -782,8 +782,8 @@ class XKVCache(_GroupedCache):
         keys: ``"pre_rope"`` (default, as the paper: keys are un-rotated with the model's rotary
             embedding before the SVD and re-rotated on read) or ``"post_rope"``.
         remainder: what to do when ``group_size`` does not divide the compressed layers:
-            ``"error"`` (default) or ``"last_group"`` (the leftover layers form a smaller last group;
-            explicit ranks are scaled to its size).
+            ``"last_group"`` (default: the leftover layers form a smaller last group; explicit
+            ranks are scaled to its size) or ``"error"`` (refuse, listing the sizes that divide).
         key_rank_fraction: with ``compression_ratio``, the share of ``r_k + r_v`` given to keys.
         svd_solver: ``"svd"`` (``torch.linalg.svd`` in fp32, default) or ``"gram"`` (eigenvectors of
             the Gram matrix in fp64: faster for long prompts, same result up to rounding).
@@ -806,7 +806,7 @@ class XKVCache(_GroupedCache):
         start_layer: int = 0,
         end_layer: int = -1,
         keys: KeysMode = "pre_rope",
-        remainder: str = "error",
+        remainder: str = "last_group",
         key_rank_fraction: float = 0.4,
         svd_solver: str = "svd",
     ) -> None:
