@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default=str(compresskv.models.cache_root() / "elitekv-bench"), help="ranking + checkpoints")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/elitekv"))
     p.add_argument("--quick", action="store_true", help="smoke run: 1k tokens, one ratio, short everything")
+    p.add_argument("--markdown-only", action="store_true", help="rewrite <out>.md from <out>.json and exit")
     args = p.parse_args(argv)
     if args.quick:
         args.length, args.continuation, args.ratios = 1024, 64, [0.5]
@@ -218,6 +219,11 @@ def evaluate(model: Any, tokenizer: Any, ppl_task: Any, needles: list[Any], args
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.markdown_only:
+        md = Path(str(args.out) + ".md")
+        md.write_text(markdown(json.loads(Path(str(args.out) + ".json").read_text()), args))
+        print(md.read_text())
+        return 0
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
@@ -360,23 +366,22 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         "## Training-free conversion",
         "",
-        "| cache ratio | selection | J-LRD | r | c | bytes vs full | ppl | needle | decode tok/s (vs full) |",
-        "|---:|:---|:---|---:|---:|---:|---:|---:|---:|",
+        "| cache ratio | selection | J-LRD | r | c | bytes vs full | ppl | needle |",
+        "|---:|:---|:---|---:|---:|---:|---:|---:|",
     ]
     full_bytes = base.get("cache_bytes_prefix")
     full_decode = base.get("decode_tok_s")
     lines.append(f"| 1.0 | original (DynamicCache) | – | 32 | – | 1.000 | {_f(base.get('ppl'), '.3f')} | "
-                 f"{_f(base.get('needle_accuracy'), '.0%')} | {_f(full_decode, '.1f')} |")
+                 f"{_f(base.get('needle_accuracy'), '.0%')} |")
+    order = {s: i for i, s in enumerate(setup["selections"])}
     for ratio in setup["ratios"]:
-        for key, row in rows.items():
-            if not key.endswith(f"@{ratio:g}"):
-                continue
+        keyed = [(k, r) for k, r in rows.items() if k.endswith(f"@{ratio:g}")]
+        keyed.sort(key=lambda kr: (kr[1]["svd"] != setup["svd"], order.get(kr[1]["selection"], 99)))
+        for key, row in keyed:
             bytes_ratio = row["cache_bytes_prefix"] / full_bytes if full_bytes else None
-            dec = row.get("decode_tok_s")
             lines.append(
                 f"| {ratio:g} | {row['selection']} | {row['svd']} | {row['rope_pairs']} | {row['kv_dim']} | "
-                f"{_f(bytes_ratio, '.3f')} | {_f(row['ppl'], '.3f')} | {_f(row.get('needle_accuracy'), '.0%')} | "
-                f"{_f(dec, '.1f')}{f' ({dec / full_decode:.2f})' if dec and full_decode else ''} |"
+                f"{_f(bytes_ratio, '.3f')} | {_f(row['ppl'], '.3f')} | {_f(row.get('needle_accuracy'), '.0%')} |"
             )
     sel_rows = [(k, r) for k, r in rows.items() if k.endswith("/full-rank")]
     if sel_rows:
@@ -439,8 +444,8 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         f"RoPElite ranking: {rank.get('tokens')} tokens in {rank.get('num_windows')} windows of {rank.get('seq_len')}, "
         f"{rank.get('samples_per_window')} sampled (query, key) pairs per window, "
-        f"{_f(rank.get('seconds'), '.0f')} s. Machine: {m.get('device')} ({m.get('processor')}, {m.get('threads')} "
-        f"threads, load average {m.get('loadavg_1_5_15')} at the end), torch {m.get('torch')}, transformers "
+        f"{_f(rank.get('seconds'), '.0f')} s. Machine: {m.get('device')} ({m.get('processor')}, torch threads "
+        f"{m.get('threads')}, load average {m.get('loadavg_1_5_15')} at the end), torch {m.get('torch')}, transformers "
         f"{m.get('transformers')}. Times on a shared CPU are indicative only. Last run: "
         f"{_f(data.get('total_seconds_last_run', 0) / 60, '.1f')} min (all runs of this setup: "
         f"{_f(data.get('total_seconds', 0) / 60, '.1f')} min).",

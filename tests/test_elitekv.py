@@ -237,12 +237,11 @@ def test_activation_aware_svd_beats_weight_svd_on_activations():
     dims = elitekv.model_dims(model)
     pairs = ranking.select(2)[0]
     _, w_err = elitekv.jlrd_weights(attn, pairs, 8, dims, moment)
-    moment_for_act = moment
     from compresskv.elitekv.jlrd import factorize
 
     joint = torch.cat([attn.k_proj.weight, attn.v_proj.weight]).double()
     up_w, down_w = factorize(joint, 8)
-    up_a, down_a = factorize(joint, 8, moment_for_act)
+    up_a, down_a = factorize(joint, 8, moment)
 
     def act_err(up, down):
         diff = joint - up @ down
