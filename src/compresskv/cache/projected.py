@@ -186,7 +186,7 @@ class ProjectedLayer(KVLayer):
         self.v_latent = [torch.cat([old, new], dim=-2) for old, new in zip(self.v_latent, new_v)]
 
     def keep(self, index: torch.Tensor) -> None:  # pragma: no cover - no eviction here
-        raise NotImplementedError("compresskv: a projected cache keeps every token; it does not evict.")
+        raise RuntimeError("compresskv: a projected cache keeps every token; it does not evict.")
 
     # -- attention ------------------------------------------------------------------------------
     def attend(self, call: AttentionCall, fn: Any, mask: Any) -> tuple[torch.Tensor, Any]:
