@@ -32,7 +32,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -43,6 +42,7 @@ import torch
 import transformers
 
 import compresskv
+from compresskv.eval.machine import machine_info
 from compresskv import elitekv
 from compresskv.eval.needle import dynamic_cache_nbytes, make_needle_task
 from compresskv.eval.perplexity import load_text, make_perplexity_task, run_perplexity, tokenize_text
@@ -92,18 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def machine(threads: int) -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "compresskv": compresskv.__version__,
-        "threads": threads,
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 @torch.inference_mode()
@@ -237,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "rank_windows": args.rank_windows,
     }
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    res = Results(Path(str(args.out) + ".json"), {"setup": setup, "command": command, "machine": machine(args.threads)})
+    res = Results(Path(str(args.out) + ".json"), {"setup": setup, "command": command, "machine": machine_info()})
 
     # -- RoPElite ranking (cached under --work) --------------------------------------------------------
     rank_dir = Path(args.work) / f"ranking-{Path(args.calib).stem}-{args.rank_seq_len}x{args.rank_windows}"
@@ -334,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "uptrain_device": record["device"]})
     res.data["total_seconds_last_run"] = time.perf_counter() - t_all
     res.data["total_seconds"] = res.data.get("total_seconds", 0.0) + res.data["total_seconds_last_run"]
-    res.data["machine"] = machine(args.threads)
+    res.data["machine"] = machine_info()
     res.save()
     md = Path(str(args.out) + ".md")
     md.write_text(markdown(res.data, args))

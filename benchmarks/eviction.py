@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -30,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from tqdm import tqdm
 
 import compresskv
+from compresskv.eval.machine import machine_info
 from compresskv.attention import uninstall
 from compresskv.eval.needle import make_needle_task, run_needle
 
@@ -62,19 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def machine(threads: int) -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "compresskv": compresskv.__version__,
-        "cpus": os.cpu_count(),
-        "threads": threads,
-        "cuda": torch.cuda.is_available(),
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],  # other work skews the timings
-    }
 
 
 def one_run(model: Any, tokenizer: Any, task: Any, method: str, ratio: float, max_new: int) -> dict[str, Any]:
@@ -167,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tokenizer = compresskv.load_model(args.model)
     tasks = [make_needle_task(tokenizer, args.length, d, seed=i, haystack=haystack) for i, d in enumerate(args.depths)]
     plan = [(BASELINE, 0.0)] + [(m, r) for m in methods for r in args.ratios]
-    load_before = machine(args.threads)["loadavg_1_5_15"]
+    load_before = machine_info()["loadavg_1_5_15"]
     start = time.perf_counter()
     rows = []
     with torch.inference_mode():
@@ -183,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 bar.update()
         bar.close()
     result = {
-        "machine": {**machine(args.threads), "loadavg_at_start": load_before},
+        "machine": {**machine_info(), "loadavg_at_start": load_before},
         "model": args.model,
         "length": max(t.length for t in tasks),
         "lengths": [t.length for t in tasks],

@@ -34,8 +34,6 @@ import copy
 import datetime
 import json
 import math
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -45,11 +43,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
 from tqdm import tqdm
 from transformers import DynamicCache
 
 import compresskv
+from compresskv.eval.machine import machine_info
 from compresskv.attention import install, uninstall
 from compresskv.eval.needle import make_needle_task
 from compresskv.eval.perplexity import make_perplexity_task, tokenize_text
@@ -110,19 +108,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def machine(threads: int) -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "compresskv": compresskv.__version__,
-        "cpus": os.cpu_count(),
-        "threads": threads,
-        "cuda": torch.cuda.is_available(),
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def say(text: str) -> None:
@@ -435,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    load_before = machine(args.threads)["loadavg_1_5_15"]
+    load_before = machine_info()["loadavg_1_5_15"]
     model, tokenizer = compresskv.load_model(args.model)
     timings: dict[str, float] = {}
     projs, reused = projections(args, model, tokenizer, timings)
@@ -451,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "model": args.model,
         "settings": settings,
-        "machine": {**machine(args.threads), "loadavg_at_start": load_before},
+        "machine": {**machine_info(), "loadavg_at_start": load_before},
         "command": shlex.join(["python", *(sys.argv if argv is None else ["benchmarks/lowrank.py", *argv])]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "timings": timings,

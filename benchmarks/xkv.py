@@ -37,8 +37,6 @@ import copy
 import datetime
 import json
 import math
-import os
-import platform
 import random
 import shlex
 import statistics
@@ -49,10 +47,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
 from transformers import DynamicCache
 
 import compresskv
+from compresskv.eval.machine import machine_info
 from compresskv import attention as ckv_attention
 from compresskv.attention import AttentionCall, uninstall
 from compresskv.cache import xkv as xkv_module
@@ -128,19 +126,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def machine(threads: int) -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "compresskv": compresskv.__version__,
-        "threads": threads,
-        "cuda": torch.cuda.is_available(),
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],  # other work skews the timings
-    }
 
 
 # -- configurations ------------------------------------------------------------------------------
@@ -466,7 +451,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    load_before = machine(args.threads)["loadavg_1_5_15"]
+    load_before = machine_info()["loadavg_1_5_15"]
     start = time.perf_counter()
 
     def log(text: str) -> None:
@@ -541,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     table = aggregate(configs, rows, baseline)
     result = {
-        "machine": {**machine(args.threads), "loadavg_at_start": load_before},
+        "machine": {**machine_info(), "loadavg_at_start": load_before},
         "model": args.model,
         "length": args.length,
         "lengths": [t.length for t in tasks],

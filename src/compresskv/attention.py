@@ -79,6 +79,7 @@ class MaskBundle:
     _base: Any = field(default=None, repr=False)
     _built: bool = field(default=False, repr=False)
     _new: dict[int, torch.Tensor | None] = field(default_factory=dict, repr=False)
+    _moved: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def base(self) -> Any:
@@ -87,13 +88,33 @@ class MaskBundle:
             self._built = True
         return self._base
 
-    def new_valid(self, q_len: int) -> torch.Tensor | None:
-        """``[batch, q_len]`` validity of this forward's new tokens, ``None`` when all are real.
-        Computed once per forward: the check is a host sync, not to be paid per layer."""
+    def _on(self, name: Any, value: Any, device: torch.device | None) -> Any:
+        """``value`` on ``device``, moved at most once per forward and device. A model spread over
+        devices (accelerate ``device_map``) builds the mask on its first device, and accelerate's
+        hooks move tensors only, not this bundle, so each layer asks for its own device's copy."""
+        if device is None or not isinstance(value, torch.Tensor) or value.device == device:
+            return value
+        key = (name, device)
+        if key not in self._moved:
+            self._moved[key] = value.to(device)
+        return self._moved[key]
+
+    def base_on(self, device: torch.device | None) -> Any:
+        """The base backend's mask on ``device``."""
+        return self._on("base", self.base, device)
+
+    def pad_on(self, device: torch.device | None) -> torch.Tensor | None:
+        """The 2-D padding mask on ``device``."""
+        return self._on("pad", self.pad2d, device)
+
+    def new_valid(self, q_len: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """``[batch, q_len]`` validity of this forward's new tokens (on ``device`` when given),
+        ``None`` when all are real. Computed once per forward: the check is a host sync, not to be
+        paid per layer."""
         if q_len not in self._new:
             new = self.pad2d[:, -q_len:].to(torch.bool) if self.pad2d is not None else None
             self._new[q_len] = None if new is None or bool(new.all()) else new
-        return self._new[q_len]
+        return self._on(("new", q_len), self._new[q_len], device)
 
 
 def _base_attention(base: str, module: torch.nn.Module) -> Callable[..., Any]:
@@ -182,15 +203,16 @@ def _make_attention(base: str) -> Callable[..., Any]:
         layer = _take_pending(key)
         bundle = attention_mask if isinstance(attention_mask, MaskBundle) else None
         fn = _base_attention(base, module)
+        device = query.device  # the layer's device: masks follow it under a multi-device device_map
         if layer is None:
-            return fn(module, query, key, value, bundle.base if bundle else attention_mask, **kwargs)
+            return fn(module, query, key, value, bundle.base_on(device) if bundle else attention_mask, **kwargs)
         if bundle is None and attention_mask is not None and layer.stored_before > 0:
             raise ValueError(
                 "compresskv: a prepared 4-D attention mask cannot be mapped onto a compressed cache; "
                 "pass the usual 2-D attention_mask (batch, tokens) instead."
             )
         layer.check_model(module)
-        pad2d = bundle.pad2d if bundle is not None else None
+        pad2d = bundle.pad_on(device) if bundle is not None else None
         scaling = kwargs.get("scaling")
         call = AttentionCall(
             module,
@@ -201,9 +223,9 @@ def _make_attention(base: str) -> Callable[..., Any]:
             scaling if scaling is not None else query.shape[-1] ** -0.5,
             base,
             kwargs,
-            bundle.new_valid(query.shape[-2]) if bundle is not None else None,
+            bundle.new_valid(query.shape[-2], device) if bundle is not None else None,
         )
-        mask = _layer_mask(layer, call, bundle.base if bundle is not None else attention_mask)
+        mask = _layer_mask(layer, call, bundle.base_on(device) if bundle is not None else attention_mask)
         out = layer.attend(call, fn, mask)
         layer.after_attention(call)
         return out
