@@ -39,13 +39,17 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..attention import AttentionCall
+from ..kernels.xkv_decode import PrefixRope, merge_with_tail, triton_available, xkv_decode
 from .base import CacheStats, CompressedCache, KVLayer, _plain_layers, tensor_bytes, text_config
 
 KeysMode = Literal["pre_rope", "post_rope"]
 KEYS_MODES = ("pre_rope", "post_rope")
 REMAINDERS = ("error", "last_group")
 SVD_SOLVERS = ("svd", "gram")
-READ_MODES = ("auto", "latent", "rebuild", "model")
+READ_MODES = ("auto", "latent", "rebuild", "model", "fused")
+#: query rows per KV head (GQA group × new tokens) up to which ``read_mode="auto"`` uses the fused
+#: kernel on CUDA; above it (a long chunk of new tokens) the kernel would re-read the prefix per 64 rows.
+FUSED_AUTO_MAX_ROWS = 64
 
 
 # -- small helpers -------------------------------------------------------------------------------
@@ -168,9 +172,11 @@ class RotaryTable:
     def prefill_table(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``cos``/``sin`` ``[batch, T, d]`` of the prefill, from the model's own embedding,
         after checking that :meth:`table` reproduces them."""
-        probe = torch.empty(0, dtype=torch.float32, device=position_ids.device)
-        cos, sin = self.rotary(probe, position_ids)
-        cos, sin = cos.float(), sin.float()
+        # The rotary module may sit on another device than the calling layer (device_map).
+        home = self.rotary.inv_freq.device
+        probe = torch.empty(0, dtype=torch.float32, device=home)
+        cos, sin = self.rotary(probe, position_ids.to(home))
+        cos, sin = cos.to(position_ids.device, torch.float32), sin.to(position_ids.device, torch.float32)
         if self.length_dependent:
             self.frozen_inv_freq = self.rotary.inv_freq.detach().clone()
         mine_cos, mine_sin = self.table(position_ids)
@@ -235,13 +241,15 @@ class PrefillPositions:
         else:
             self.offsets, self.table = None, pos.to(torch.int32).contiguous()
 
-    def get(self, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Positions of prefill tokens ``start:end``, ``[batch, n]`` int64."""
+    def get(self, start: int = 0, end: int | None = None, device: Any = None) -> torch.Tensor:
+        """Positions of prefill tokens ``start:end``, ``[batch, n]`` int64 (on ``device`` when given:
+        the reading layer's, under a multi-device ``device_map``)."""
         end = self.length if end is None else end
         if self.table is not None:
-            return self.table[:, start:end].to(torch.long)
+            return self.table[:, start:end].to(device=device, dtype=torch.long)
         assert self.offsets is not None
-        return self.offsets + torch.arange(start, end, device=self.offsets.device)
+        offsets = self.offsets.to(device) if device is not None else self.offsets
+        return offsets + torch.arange(start, end, device=offsets.device)
 
     def nbytes(self) -> int:
         return tensor_bytes(self.offsets, self.table)
@@ -265,13 +273,19 @@ class ReadCost:
     ``rebuilt_bytes``: bytes of K/V rows rebuilt from the compressed form; ``transient_bytes``: the
     largest set of prefix-sized temporaries alive at once (rebuilt block + its logits/probabilities
     over the prefix), measured from the tensors created; ``flops``: multiply-adds spent on the
-    prefix; ``seconds``: wall time of the layer's attention; ``reads``: forwards counted."""
+    prefix; ``seconds``: wall time of the layer's attention (host time: on a GPU it does not wait
+    for the kernels); ``reads``: forwards counted; ``compressed_bytes``: bytes of the compressed
+    form the read streams (the group's latents and the layer's factors: divide by a kernel's
+    measured time for its bandwidth); ``fused_reads``: reads done by the fused decode
+    (:mod:`compresskv.kernels.xkv_decode`), which writes no rebuilt K/V to memory."""
 
     rebuilt_bytes: int = 0
     transient_bytes: int = 0
     flops: int = 0
     seconds: float = 0.0
     reads: int = 0
+    compressed_bytes: int = 0
+    fused_reads: int = 0
 
     def add(self, other: "ReadCost") -> None:
         self.rebuilt_bytes += other.rebuilt_bytes
@@ -279,6 +293,8 @@ class ReadCost:
         self.flops += other.flops
         self.seconds += other.seconds
         self.reads += other.reads
+        self.compressed_bytes += other.compressed_bytes
+        self.fused_reads += other.fused_reads
 
 
 @dataclass
@@ -315,12 +331,25 @@ class _Group:
         self.done = 0
         self.compressed = False
         self.seconds = 0.0
+        self._copies: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def on(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A shared tensor on a reading layer's device. A group whose layers sit on two devices (an
+        accelerate ``device_map`` split) keeps one copy per extra device, made once and counted in
+        :meth:`nbytes`."""
+        if tensor.device == device:
+            return tensor
+        key = (id(tensor), device)
+        if key not in self._copies:
+            self._copies[key] = tensor.to(device)
+        return self._copies[key]
 
     def layer_prefilled(self, call: AttentionCall) -> None:
         self.done += 1
         if self.done == len(self.layers) and not self.compressed:
             start = time.perf_counter()
             with torch.no_grad():
+                self._copies.clear()
                 self.compress(call)
             for layer in self.layers:
                 layer.drop_prefix_tokens()
@@ -337,12 +366,14 @@ class _Group:
         pass
 
     def nbytes(self) -> int:
-        return tensor_bytes(*self.tensors())
+        return tensor_bytes(*self.tensors(), *self._copies.values())
 
     def apply(self, fn: Any) -> None:
+        self._copies.clear()
         self.set_tensors([fn(t) if t is not None else None for t in self.tensors()])
 
     def reset(self) -> None:
+        self._copies.clear()
         self.set_tensors([None] * len(self.tensors()))
         self.done = 0
         self.compressed = False
@@ -410,9 +441,13 @@ class _PrefixLayer(KVLayer):
         if not self.prefix_len:
             return super().attend(call, fn, mask)
         start = time.perf_counter()
-        cost = ReadCost(reads=1)
+        cost = ReadCost(reads=1, compressed_bytes=self.compressed_nbytes())
         if self.cache.read_mode != "model" and self._direct_ok(call):
-            out = self._direct_attention(call, mask, cost)
+            if self._fused_ok(call):
+                out = self._fused_attention(call, cost)
+                cost.fused_reads = 1
+            else:
+                out = self._direct_attention(call, mask, cost)
         else:
             keys, values = self.rebuild_prefix(cost)
             keys = torch.cat([keys, call.key], dim=-2)
@@ -435,6 +470,17 @@ class _PrefixLayer(KVLayer):
         if module.training and float(call.kwargs.get("dropout", 0.0) or 0.0) > 0.0:
             return False
         return call.kwargs.get("sliding_window") is None
+
+    def compressed_nbytes(self) -> int:
+        """Bytes of the compressed prefix one read of this layer streams (group-shared and own tensors)."""
+        return tensor_bytes(*self.group.tensors(), *self.own_tensors())
+
+    def _fused_ok(self, call: AttentionCall) -> bool:
+        """Whether the fused decode reads the prefix (only layers that have one override this)."""
+        return False
+
+    def _fused_attention(self, call: AttentionCall, cost: ReadCost) -> tuple[torch.Tensor, Any]:  # pragma: no cover
+        raise NotImplementedError
 
     def _direct_attention(self, call: AttentionCall, mask: Any, cost: ReadCost) -> tuple[torch.Tensor, Any]:
         query = call.query
@@ -494,8 +540,8 @@ class _XKVGroup(_Group):
         cache: XKVCache = self.cache  # type: ignore[assignment]
         first = self.layers[0]
         bsz, n_kv, length, dim = first.keys.shape
-        dtype = first.keys.dtype
-        real = call.pad2d[:, -length:].to(torch.bool) if call.pad2d is not None else None
+        dtype, device = first.keys.dtype, first.keys.device  # the latent lives with the group's first layer
+        real = call.pad2d[:, -length:].to(device, torch.bool) if call.pad2d is not None else None
         rank_k, rank_v = cache.group_ranks(len(self.layers), length, n_kv, dim)
         self.rank_k, self.rank_v = rank_k, rank_v
         cos = sin = None
@@ -504,7 +550,7 @@ class _XKVGroup(_Group):
             pos = (
                 torch.arange(length, device=first.keys.device).expand(bsz, length)
                 if pos is None
-                else pos[..., -length:].expand(bsz, length)
+                else pos[..., -length:].to(device).expand(bsz, length)
             )
             cos, sin = cache.rope.prefill_table(pos)
             cos, sin = cos[:, None], sin[:, None]
@@ -512,7 +558,7 @@ class _XKVGroup(_Group):
         for kind, rank in (("k", rank_k), ("v", rank_v)):
             cols = []
             for layer in self.layers:
-                x = (layer.keys if kind == "k" else layer.values).float()
+                x = (layer.keys if kind == "k" else layer.values).to(device).float()
                 if kind == "k" and cos is not None:
                     x = cache.rope.unrotate(x, cos, sin)
                 cols.append(x.transpose(1, 2).reshape(bsz, length, width))
@@ -524,7 +570,8 @@ class _XKVGroup(_Group):
                 latent = latent * real[..., None]  # padding rows exactly zero (LAPACK leaves ~1e-7)
             setattr(self, f"latent_{kind}", latent.to(dtype).contiguous())
             for i, layer in enumerate(self.layers):
-                setattr(layer, f"factor_{kind}", factor[..., i * width : (i + 1) * width].to(dtype).contiguous())
+                part = factor[..., i * width : (i + 1) * width]
+                setattr(layer, f"factor_{kind}", part.to(layer.keys.device, dtype).contiguous())
 
 
 class XKVLayer(_PrefixLayer):
@@ -543,6 +590,12 @@ class XKVLayer(_PrefixLayer):
     def set_own_tensors(self, tensors: list[torch.Tensor | None]) -> None:
         self.factor_k, self.factor_v = tensors
 
+    def _latent(self, kind: str) -> torch.Tensor:
+        """The group's shared latent on this layer's device."""
+        latent = self.group.latent_k if kind == "k" else self.group.latent_v
+        factor = self.factor_k if kind == "k" else self.factor_v
+        return self.group.on(latent, factor.device)
+
     def _use_latent(self, rows: int, rank: int, n_kv: int, dim: int) -> bool:
         mode = self.cache.read_mode
         if mode in ("latent", "rebuild"):
@@ -555,20 +608,20 @@ class XKVLayer(_PrefixLayer):
     def _keys_block(self, start: int, end: int, cost: ReadCost) -> torch.Tensor:
         """Rebuilt (and, for pre-RoPE keys, re-rotated) keys of prefix tokens ``start:end``,
         ``[batch, kv_heads, n, head_dim]``."""
-        latent, factor = self.group.latent_k, self.factor_k
+        latent, factor = self._latent("k"), self.factor_k
         bsz, rank = latent.shape[0], latent.shape[-1]
         n_kv, dim = self.keys.shape[1], self.keys.shape[-1]
         block = (latent[:, start:end] @ factor).view(bsz, end - start, n_kv, dim)
         cost.flops += bsz * (end - start) * rank * n_kv * dim
         if self.cache.keys_mode == "pre_rope":
-            cos, sin = self.cache.rope.table(self.cache.positions.get(start, end))
+            cos, sin = self.cache.rope.table(self.cache.positions.get(start, end, factor.device))
             cos, sin = cos[:, :, None].to(block.dtype), sin[:, :, None].to(block.dtype)
             block = block * cos + rotate_half(block) * sin
         cost.rebuilt_bytes += tensor_bytes(block)
         return block.transpose(1, 2)
 
     def _values_block(self, start: int, end: int, cost: ReadCost) -> torch.Tensor:
-        latent, factor = self.group.latent_v, self.factor_v
+        latent, factor = self._latent("v"), self.factor_v
         bsz, rank = latent.shape[0], latent.shape[-1]
         n_kv, dim = self.values.shape[1], self.values.shape[-1]
         block = (latent[:, start:end] @ factor).view(bsz, end - start, n_kv, dim)
@@ -577,7 +630,7 @@ class XKVLayer(_PrefixLayer):
         return block.transpose(1, 2)
 
     def prefix_logits(self, qg: torch.Tensor, cost: ReadCost) -> torch.Tensor:
-        latent, factor = self.group.latent_k, self.factor_k
+        latent, factor = self._latent("k"), self.factor_k
         bsz, length, rank = latent.shape
         _, n_kv, rows, dim = qg.shape
         if self.cache.keys_mode == "post_rope" and self._use_latent(rows, rank, n_kv, dim):
@@ -596,7 +649,7 @@ class XKVLayer(_PrefixLayer):
         return torch.cat(pieces, dim=-1)
 
     def prefix_output(self, probs: torch.Tensor, cost: ReadCost) -> torch.Tensor:
-        latent, factor = self.group.latent_v, self.factor_v
+        latent, factor = self._latent("v"), self.factor_v
         bsz, length, rank = latent.shape
         _, n_kv, rows, _ = probs.shape
         dim = self.values.shape[-1]
@@ -616,6 +669,57 @@ class XKVLayer(_PrefixLayer):
         assert out is not None
         return out
 
+    def _fused_ok(self, call: AttentionCall) -> bool:
+        # sdpa only: eager returns the attention weights, which the fused read never forms.
+        mode = self.cache.read_mode
+        if mode not in ("fused", "auto") or call.base != "sdpa":
+            return False
+        if mode == "fused":
+            return True
+        _, n_q, q_len, _ = call.query.shape
+        return (
+            call.query.is_cuda
+            and self.group.latent_k.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and n_q // call.key.shape[1] * q_len <= FUSED_AUTO_MAX_ROWS
+            and triton_available()
+        )
+
+    def _fused_attention(self, call: AttentionCall, cost: ReadCost) -> tuple[torch.Tensor, Any]:
+        """Prefix attention by :func:`~compresskv.kernels.xkv_decode.xkv_decode` (the Triton kernel
+        on CUDA, its PyTorch reference elsewhere), the tail in plain torch, merged by log-sum-exp."""
+        query = call.query
+        bsz, n_q, q_len, dim = query.shape
+        n_kv = call.key.shape[1]
+        qg = query.reshape(bsz, n_kv, n_q // n_kv * q_len, dim)
+        key_mask = tail_valid = None
+        if self.valid is not None or call.new_valid is not None:
+            n_old = call.key.shape[-2] - q_len
+            valid = self.valid
+            if valid is None:
+                valid = torch.ones(bsz, n_kv, self.prefix_len + n_old, dtype=torch.bool, device=query.device)
+            new = call.new_valid
+            new = torch.ones(bsz, q_len, dtype=torch.bool, device=query.device) if new is None else new
+            key_mask = valid[:, :, : self.prefix_len] if self.valid is not None else None
+            tail_valid = torch.cat([valid[:, :, self.prefix_len :], new[:, None, :].expand(-1, n_kv, -1)], dim=-1)
+        info: dict[str, Any] = {}
+        out, lse = xkv_decode(
+            qg,
+            self._latent("k"),
+            self.factor_k,
+            self._latent("v"),
+            self.factor_v,
+            self.cache.prefix_rope(query.device),
+            key_mask,
+            call.scaling,
+            chunk=self.cache.read_chunk,
+            info=info,
+        )
+        out = merge_with_tail(out, lse, qg, call.key, call.value, call.scaling, q_len, tail_valid)
+        cost.flops += info["flops"]
+        cost.transient_bytes = max(cost.transient_bytes, info["workspace_bytes"])
+        out = out.reshape(bsz, n_q, q_len, dim).transpose(1, 2).contiguous()
+        return out, None
+
     def rebuild_prefix(self, cost: ReadCost) -> tuple[torch.Tensor, torch.Tensor]:
         length = self.prefix_len
         keys = self._keys_block(0, length, cost)
@@ -628,9 +732,12 @@ class _GroupedCache(CompressedCache):
     groups' shared tensors under batch operations, and the stats."""
 
     method = "grouped"
-    #: how compressed prefixes are read: ``"auto"`` (cheapest of latent/rebuilt form), ``"latent"``,
-    #: ``"rebuild"`` (rebuild K/V block by block, attention computed here) or ``"model"`` (rebuild
-    #: the whole prefix and call the model's own attention function). All give the same result.
+    #: how compressed prefixes are read: ``"auto"`` (cheapest of latent/rebuilt form; for xKV on
+    #: CUDA with triton installed, the fused kernel), ``"latent"``, ``"rebuild"`` (rebuild K/V block
+    #: by block, attention computed here), ``"model"`` (rebuild the whole prefix and call the model's
+    #: own attention function) or ``"fused"`` (xKV only: :mod:`compresskv.kernels.xkv_decode`, the
+    #: Triton kernel on CUDA, its PyTorch reference elsewhere; sdpa attention only, other calls
+    #: fall back to ``"auto"``'s way). All give the same result.
     read_mode: str = "auto"
     #: prefix tokens rebuilt at once when keys/values must be rebuilt (bounds the transient memory).
     read_chunk: int = 1024
@@ -787,6 +894,12 @@ class XKVCache(_GroupedCache):
         key_rank_fraction: with ``compression_ratio``, the share of ``r_k + r_v`` given to keys.
         svd_solver: ``"svd"`` (``torch.linalg.svd`` in fp32, default) or ``"gram"`` (eigenvectors of
             the Gram matrix in fp64: faster for long prompts, same result up to rounding).
+        read_mode: how the compressed prompt is read at decode (all give the same result):
+            ``"auto"`` (default: the fused Triton kernel on CUDA when triton is installed and the
+            attention is sdpa, else the cheaper of the latent and rebuilt forms), ``"fused"``
+            (:func:`compresskv.kernels.xkv_decode`: keys rebuilt and rotated on chip, values read
+            in latent space; the PyTorch reference off CUDA), ``"latent"``, ``"rebuild"``,
+            ``"model"`` (rebuild K/V and call the model's own attention function).
 
     What is stored, per batch row: per group, the latents ``[T, r_k]`` and ``[T, r_v]``; per layer,
     the factors ``[r_k, kv_heads·head_dim]`` and ``[r_v, kv_heads·head_dim]``; tokens decoded later,
@@ -809,8 +922,12 @@ class XKVCache(_GroupedCache):
         remainder: str = "last_group",
         key_rank_fraction: float = 0.4,
         svd_solver: str = "svd",
+        read_mode: str = "auto",
     ) -> None:
         owner = type(self).__name__
+        if read_mode not in READ_MODES:
+            raise ValueError(f"{owner}: read_mode must be one of {list(READ_MODES)}, got {read_mode!r}.")
+        self.read_mode = read_mode
         config = text_config(model)
         n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -873,6 +990,18 @@ class XKVCache(_GroupedCache):
         top = min(tokens, group_len * n_kv * head_dim)
         return min(rank_k, top), min(rank_v, top)
 
+    def prefix_rope(self, device: Any = None) -> PrefixRope | None:
+        """The RoPE that re-rotates the stored pre-RoPE keys (``None`` for post-RoPE keys), with its
+        tensors on ``device`` when given."""
+        if self.rope is None or not self.positions.is_set:
+            return None
+        rope, pos = self.rope, self.positions
+
+        def to(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.to(device) if t is not None and device is not None else t
+
+        return PrefixRope(to(rope.inv_freq()), to(pos.offsets), to(pos.table), rope.scaling)
+
     def _prefilled(self, layer: _PrefixLayer, call: AttentionCall) -> None:
         if self.keys_mode == "pre_rope" and not self.positions.is_set:
             bsz, _, length, _ = layer.keys.shape
@@ -909,6 +1038,7 @@ class SVDCache(XKVCache):
         keys: KeysMode = "pre_rope",
         key_rank_fraction: float = 0.4,
         svd_solver: str = "svd",
+        read_mode: str = "auto",
     ) -> None:
         super().__init__(
             model,
@@ -921,6 +1051,7 @@ class SVDCache(XKVCache):
             keys=keys,
             key_rank_fraction=key_rank_fraction,
             svd_solver=svd_solver,
+            read_mode=read_mode,
         )
 
 
@@ -986,12 +1117,12 @@ class _MiniGroup(_Group):
         cache: MiniCache = self.cache  # type: ignore[assignment]
         layer_a, layer_b = self.layers
         length = layer_a.keys.shape[-2]
-        dtype = layer_a.keys.dtype
-        real = call.pad2d[:, -length:].to(torch.bool) if call.pad2d is not None else None
+        dtype, device = layer_a.keys.dtype, layer_a.keys.device  # shared tensors live with the first layer
+        real = call.pad2d[:, -length:].to(device, torch.bool) if call.pad2d is not None else None
         index_dtype = torch.int16 if length <= 2**15 else torch.int32
         for kind in ("k", "v"):
             xa = (layer_a.keys if kind == "k" else layer_a.values).float()
-            xb = (layer_b.keys if kind == "k" else layer_b.values).float()
+            xb = (layer_b.keys if kind == "k" else layer_b.values).to(device).float()
             direction, norm_a, norm_b, distance = slerp_merge(xa, xb, cache.t, real)
             index = retention_index(distance, cache.gamma, real)
             gather = index[..., None].expand(-1, -1, -1, xa.shape[-1])
@@ -1001,8 +1132,9 @@ class _MiniGroup(_Group):
             setattr(self, f"index_{kind}", index.to(index_dtype).contiguous())
             for layer, x, norm in ((layer_a, xa, norm_a), (layer_b, xb, norm_b)):
                 # Magnitudes are zero where the token is retained, so the merged term vanishes there.
-                setattr(layer, f"magnitude_{kind}", norm.scatter(2, index, 0.0).to(dtype).contiguous())
-                setattr(layer, f"retained_{kind}", x.gather(2, gather).to(dtype).contiguous())
+                home = layer.keys.device
+                setattr(layer, f"magnitude_{kind}", norm.scatter(2, index, 0.0).to(home, dtype).contiguous())
+                setattr(layer, f"retained_{kind}", x.gather(2, gather).to(home, dtype).contiguous())
 
 
 class MiniCacheLayer(_PrefixLayer):
@@ -1025,7 +1157,8 @@ class MiniCacheLayer(_PrefixLayer):
         self.magnitude_k, self.magnitude_v, self.retained_k, self.retained_v = tensors
 
     def prefix_logits(self, qg: torch.Tensor, cost: ReadCost) -> torch.Tensor:
-        direction, index = self.group.direction_k, self.group.index_k.long()
+        device = self.magnitude_k.device
+        direction, index = self.group.on(self.group.direction_k, device), self.group.on(self.group.index_k, device).long()
         bsz, n_kv, rows, dim = qg.shape
         logits = (qg @ direction.transpose(-1, -2)) * self.magnitude_k[:, :, None, :]
         kept = qg @ self.retained_k.transpose(-1, -2)
@@ -1034,7 +1167,8 @@ class MiniCacheLayer(_PrefixLayer):
         return logits
 
     def prefix_output(self, probs: torch.Tensor, cost: ReadCost) -> torch.Tensor:
-        direction, index = self.group.direction_v, self.group.index_v.long()
+        device = self.magnitude_v.device
+        direction, index = self.group.on(self.group.direction_v, device), self.group.on(self.group.index_v, device).long()
         bsz, n_kv, rows, _ = probs.shape
         weighted = probs * self.magnitude_v[:, :, None, :]
         kept = probs.gather(-1, index[:, :, None, :].expand(-1, -1, rows, -1))
@@ -1045,8 +1179,9 @@ class MiniCacheLayer(_PrefixLayer):
     def rebuild_prefix(self, cost: ReadCost) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
         for kind in ("k", "v"):
-            direction = getattr(self.group, f"direction_{kind}")
-            index = getattr(self.group, f"index_{kind}").long()
+            magnitude = getattr(self, f"magnitude_{kind}")
+            direction = self.group.on(getattr(self.group, f"direction_{kind}"), magnitude.device)
+            index = self.group.on(getattr(self.group, f"index_{kind}"), magnitude.device).long()
             full = direction * getattr(self, f"magnitude_{kind}")[..., None]
             full = full.scatter(2, index[..., None].expand(-1, -1, -1, full.shape[-1]), getattr(self, f"retained_{kind}"))
             cost.rebuilt_bytes += tensor_bytes(full)
