@@ -330,12 +330,11 @@ def test_patch_matryoshka_and_pca():
     assert first.rank_source == "uniform@0.5"
 
 
-def test_pca_without_projections_or_texts_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("COMPRESSKV_CALIBRATION_TEXT", raising=False)
+def test_pca_without_projections_or_texts_is_a_clear_error():
     model, p = model_and_projections()
     with pytest.raises(ValueError) as err:
         compresskv.make_cache(model, "pca", compression_ratio=0.5)
-    assert "projections=" in str(err.value) and "COMPRESSKV_CALIBRATION_TEXT" in str(err.value)
+    assert "projections=" in str(err.value) and "--calibration" in str(err.value)
     with pytest.raises(ValueError, match="projections="):
         compresskv.make_cache(model, "matryoshka", compression_ratio=0.5)
     trained = compresskv.train_projections(model, p, calib_ids(1), steps=1, seq_len=48, progress=False)
@@ -388,15 +387,6 @@ def test_bad_calibration_training_and_allocation_input():
                  lambda: compresskv.MatryoshkaKVCache(other, p, budget=0.5)):
         with pytest.raises(ValueError, match="Recompute them for this model"):
             call()
-
-
-def test_pca_calibrates_from_the_environment_for_compresskv_bench(monkeypatch, tmp_path):
-    model, _ = model_and_projections()
-    text = tmp_path / "calib.txt"
-    text.write_text("some text " * 200)
-    monkeypatch.setenv("COMPRESSKV_CALIBRATION_TEXT", str(text))
-    with pytest.raises(ValueError, match="no tokenizer could be loaded"):  # a tiny model has none on disk
-        compresskv.make_cache(model, "pca", compression_ratio=0.5)
 
 
 @pytest.mark.gpu

@@ -20,6 +20,16 @@ the latent space (``q_nope · W_up,k``), logits are ``q_rope·k_ropeᵀ + q_abs�
 Prefill and training (many queries) reconstruct K and V from the latent and call the model's own
 attention backend (eager, sdpa, flash), which is cheaper there and memory-efficient. ``auto``
 picks by a multiply-add count; ``absorb`` / ``reconstruct`` force one.
+
+The absorbed attention runs in ``scaled_dot_product_attention`` (:meth:`EliteKVAttention._absorbed_sdpa`):
+the latent is the key *and* the value of every query head (MQA-like, expanded as a view), the
+query is ``q_abs``, and the RoPE'd dims' logits ``q_rope·k_ropeᵀ`` (per KV head) enter, scaled and
+with the causal/padding mask, as SDPA's additive float mask; the ``q_nope·b_up,k`` term is the same
+for every key of a query row, so softmax ignores it. The explicit matmul/softmax path
+(:meth:`EliteKVAttention._absorbed`) is kept as the reference, and runs instead under ``eager``
+attention (which returns the weights), on CUDA when no fused SDPA kernel accepts the shapes (e.g. a
+``kv_dim`` not a multiple of 8 in fp16/bf16: SDPA would fall back to its math kernel), and when
+forced with ``attention="absorb_explicit"``.
 """
 
 from __future__ import annotations
@@ -31,12 +41,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cache.latent import EliteKVCache
+from ..cache.latent import EliteKVCache, fused_sdpa_ok
 from .ranking import SELECTIONS, FrequencyRanking, input_moments, select_pairs
 from .support import attention_modules, check_supported, decoder_layers, is_converted, model_dims, text_config
 
 SVD_MODES = ("auto", "weight", "activation")
-ATTENTION_MODES = ("auto", "absorb", "reconstruct")
+ATTENTION_MODES = ("auto", "absorb", "absorb_explicit", "reconstruct")
 FORMAT = 1
 
 
@@ -206,7 +216,7 @@ def additive_mask(mask: Any, bsz: int, q_len: int, kv_len: int, dtype: torch.dty
     from ..attention import MaskBundle
 
     if isinstance(mask, MaskBundle):
-        mask = mask.base
+        mask = mask.base_on(device)
     neg = torch.finfo(dtype).min
     causal = None
     if q_len > 1:
@@ -226,7 +236,7 @@ def additive_mask(mask: Any, bsz: int, q_len: int, kv_len: int, dtype: torch.dty
         if causal is not None:
             allowed = allowed & causal[None, None]
         return torch.where(allowed, 0.0, neg).to(dtype)
-    mask = mask[..., :kv_len]
+    mask = mask[..., :kv_len].to(device)
     if mask.dtype == torch.bool:
         return torch.where(mask, 0.0, neg).to(dtype)
     return mask.to(dtype)
@@ -265,6 +275,7 @@ class EliteKVAttention(nn.Module):
         self.kv_up = nn.Linear(self.kv_dim, kv_heads * (self.nope_dim + d), bias=bias["k"] or bias["v"], **kw)
         self.o_proj = nn.Linear(heads * d, hidden, bias=bias["o"], **kw)
         self._index: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fused: dict[tuple[Any, ...], bool] = {}  # does a fused SDPA kernel take the absorbed read
 
     def extra_repr(self) -> str:
         return f"rope_pairs={self.rope_pairs}, kv_dim={self.kv_dim}, mode={self.attention_mode}"
@@ -287,8 +298,8 @@ class EliteKVAttention(nn.Module):
         return fn
 
     def choose_mode(self, q_len: int, kv_len: int) -> str:
-        """``absorb`` or ``reconstruct`` for ``q_len`` queries over ``kv_len`` tokens (``auto``: the
-        one with fewer multiply-adds)."""
+        """``absorb``, ``absorb_explicit`` or ``reconstruct`` for ``q_len`` queries over ``kv_len``
+        tokens (``auto``: ``absorb`` or ``reconstruct``, the one with fewer multiply-adds)."""
         if self.attention_mode != "auto":
             return self.attention_mode
         hq, hkv, d, r2, nope, c = self.num_heads, self.num_kv_heads, self.head_dim, 2 * self.rope_pairs, self.nope_dim, self.kv_dim
@@ -323,7 +334,9 @@ class EliteKVAttention(nn.Module):
             _check_cache(past_key_values)
             k_rope, latent = past_key_values.update(k_rope, latent, self.layer_idx)
         mode = self.choose_mode(q_len, latent.shape[-2])
-        if mode == "absorb":
+        if mode == "absorb" and not self._returns_weights():
+            out, weights = self._absorbed_sdpa(query, k_rope, latent, attention_mask)
+        elif mode in ("absorb", "absorb_explicit"):
             out, weights = self._absorbed(query, k_rope, latent, attention_mask)
         else:
             out, weights = self._reconstructed(query, k_rope, latent, attention_mask, **kwargs)
@@ -351,7 +364,74 @@ class EliteKVAttention(nn.Module):
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
         )
 
+    def _returns_weights(self) -> bool:
+        """Eager attention returns the attention weights, which only the explicit path computes."""
+        return self.config._attn_implementation in ("eager", "compresskv_eager")
+
+    def _absorbed_sdpa(
+        self, query: torch.Tensor, k_rope: torch.Tensor, latent: torch.Tensor, attention_mask: Any,
+        layout: str | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """The absorbed attention in ``scaled_dot_product_attention`` (see the module notes); falls
+        back to :meth:`_absorbed` (the reference) where no fused kernel takes the shapes.
+
+        ``query`` ``[b, hq, q, d]`` (rope dims first), ``k_rope`` ``[b, hkv, T, 2r]``, ``latent``
+        ``[b, 1, T, c]``; returns ``([b, q, hq, d], None)``. ``layout``: ``"mqa"`` runs one SDPA head
+        whose ``hq·q`` query rows share the latent (each latent row is read once: the faster layout
+        on CPU, measured), ``"heads"`` runs ``hq`` heads over a stride-0 view of the latent (``b·hq``
+        thread blocks instead of ``b``: the memory-efficient CUDA kernel parallelises over batch ×
+        heads × query blocks, not over keys, and decoding has one query block); ``None``:
+        ``heads`` on CUDA, ``mqa`` elsewhere.
+        """
+        bsz, hq, q_len, d = query.shape
+        hkv, g, r2, nope, c = self.num_kv_heads, self.num_key_value_groups, 2 * self.rope_pairs, self.nope_dim, self.kv_dim
+        kv_len = latent.shape[-2]
+        n = hkv * nope
+        if layout is None:
+            layout = "heads" if query.device.type == "cuda" else "mqa"
+        bias = additive_mask(attention_mask, bsz, q_len, kv_len, query.dtype, query.device)  # [b|1, 1, q, T]
+        dropout = self.attention_dropout if self.training else 0.0
+        # Whether a fused kernel takes the shapes depends on device, dtype, layout and mask only:
+        # once known to be no, go straight to the reference without building SDPA's inputs.
+        memo = (query.device, query.dtype, layout, bias is not None or r2 > 0, dropout > 0, torch.is_grad_enabled())
+        if self._fused.get(memo) is False:
+            return self._absorbed(query, k_rope, latent, attention_mask)
+        w_up, b_up = self.kv_up.weight, self.kv_up.bias
+        grouped = query.reshape(bsz, hkv, g * q_len, d)  # query head j = h·g + i belongs to KV head h
+        q_latent = torch.matmul(grouped[..., r2:], w_up[:n].view(hkv, nope, c))  # [b, hkv, g·q, c]
+        if r2:
+            # The RoPE'd dims' logits, per KV head, as SDPA's additive mask; the scaling is applied to
+            # the small query side rather than to the [b, hq, q, T] product.
+            rope = torch.matmul(grouped[..., :r2] * self.scaling, k_rope.transpose(-1, -2))
+            rope = rope.view(bsz, hq, q_len, kv_len)
+            if bias is not None:
+                rope = rope.add_(bias)
+                if rope.dtype == torch.float16:  # finfo.min plus a negative logit overflows to -inf
+                    rope = rope.clamp_(min=torch.finfo(rope.dtype).min)
+            bias = rope
+        if layout == "mqa":
+            q_in, keys = q_latent.view(bsz, 1, hq * q_len, c), latent
+            if bias is not None:
+                bias = bias.expand(bsz, hq, q_len, kv_len).reshape(bsz, 1, hq * q_len, kv_len)
+        else:
+            # enable_gqa would say the same, but with a float mask some torch versions run it in the
+            # math kernel, which repeats K/V: the stride-0 view keeps the fused kernels.
+            q_in, keys = q_latent.view(bsz, hq, q_len, c), latent.expand(bsz, hq, kv_len, c)
+        self._fused[memo] = fused_sdpa_ok(q_in, keys, keys, bias, dropout)
+        if not self._fused[memo]:
+            return self._absorbed(query, k_rope, latent, attention_mask)
+        # q_nope·b_up,k (the reference adds it) is the same for every key of a row: softmax drops it.
+        context = nn.functional.scaled_dot_product_attention(
+            q_in, keys, keys, attn_mask=bias, dropout_p=dropout, scale=self.scaling)
+        w_v = w_up[n:].view(hkv, d, c)
+        out = torch.matmul(context.reshape(bsz, hkv, g * q_len, c), w_v.transpose(-1, -2))  # [b, hkv, g·q, d]
+        if b_up is not None:
+            out = out + b_up[n:].view(hkv, 1, d)
+        return out.view(bsz, hq, q_len, d).transpose(1, 2), None
+
     def _absorbed(self, query, k_rope, latent, attention_mask):
+        """The reference absorbed attention: explicit logits, fp32 softmax, weights returned under
+        eager attention."""
         bsz, hq, q_len, d = query.shape
         hkv, g, r2, nope, c = self.num_kv_heads, self.num_key_value_groups, 2 * self.rope_pairs, self.nope_dim, self.kv_dim
         kv_len = latent.shape[-2]
@@ -379,8 +459,7 @@ class EliteKVAttention(nn.Module):
         if b_up is not None:
             out = out + b_up[n:].view(hkv, 1, d)
         out = out.view(bsz, hq, q_len, d).transpose(1, 2)
-        eager = self.config._attn_implementation in ("eager", "compresskv_eager")
-        return out, probs if eager else None
+        return out, probs if self._returns_weights() else None
 
 
 def _check_cache(cache: Any) -> None:
@@ -492,8 +571,10 @@ def convert(
     ``weight`` (the paper) or ``activation`` (whitened by calibration inputs: from the ranking's
     ``input_moment``, else computed from ``calibration_texts``); ``auto`` (default) is
     ``activation`` when such data is given and ``weight`` otherwise. ``attention``: ``auto``,
-    ``absorb`` or ``reconstruct`` (see the module notes). ``keep_original`` keeps the original
-    attention modules so that :func:`revert` (and re-conversion to other sizes) can restore them.
+    ``absorb`` (through ``scaled_dot_product_attention`` where a fused kernel takes it),
+    ``absorb_explicit`` (the explicit reference path) or ``reconstruct`` (see the module notes).
+    ``keep_original`` keeps the original attention modules so that :func:`revert` (and
+    re-conversion to other sizes) can restore them.
 
     After conversion ``generate()`` and ``forward(use_cache=True)`` use an :class:`EliteKVCache`;
     ``save_pretrained`` writes the sizes and chosen pairs into the config
@@ -597,9 +678,8 @@ def revert(model: nn.Module) -> nn.Module:
             )
         return model
     original_class, originals, _ = stash
-    ref = next(model.parameters())
     for layer, attn in zip(decoder_layers(model), originals):
-        layer.self_attn = attn.to(device=ref.device)
+        layer.self_attn = attn.to(device=next(layer.parameters()).device)  # each layer's own device (device_map)
     for config in {id(c): c for c in (model.config, text_config(model))}.values():
         if hasattr(config, "elitekv"):
             delattr(config, "elitekv")
