@@ -99,7 +99,7 @@ def _bench_table(methods: list[str]) -> str:
 
     rows = [r for r in read_rows(jsonl) if r.get("method") in {FULL, *methods}]
     if not any(r.get("method") in methods for r in rows):
-        return "*Not measured yet: run `compresskv bench` (it skips methods that cannot be built from `compression_ratio` alone).*\n"
+        return "*Not measured yet: run `compresskv bench` (calibrated methods need `--calibration FILE`).*\n"
     out = []
     for model, length in dict.fromkeys((r["model"], r["length"]) for r in rows):
         group = [r for r in rows if (r["model"], r["length"]) == (model, length)]

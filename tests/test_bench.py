@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import compresskv
 import compresskv.eval.bench as bench_mod
@@ -28,12 +29,17 @@ def model(tok):
 
 @pytest.fixture
 def budget_only(monkeypatch):
-    """A registered method that cannot be built from compression_ratio alone."""
+    """A registered method without compression_ratio (run once at its defaults), and one that
+    cannot be built at all."""
 
     def factory(model, budget=64):
         return compresskv.SnapKVCache(model, budget=budget, window_size=8)
 
+    def broken(model, compression_ratio=0.5):
+        raise RuntimeError("no such luck")
+
     monkeypatch.setitem(compresskv.patching._METHODS, "budgetonly", factory)
+    monkeypatch.setitem(compresskv.patching._METHODS, "broken", broken)
 
 
 def config(tmp_path, **kw):
@@ -45,22 +51,26 @@ def config(tmp_path, **kw):
 
 def test_bench_writes_rows_table_and_plot_and_resumes(model, tok, tmp_path, budget_only, monkeypatch):
     notes: list[str] = []
-    cfg = config(tmp_path, methods=["snapkv", "budgetonly", "streamingllm", "nosuch"])
+    cfg = config(tmp_path, methods=["snapkv", "budgetonly", "streamingllm", "nosuch", "broken", "pca"])
     result = run_bench(model, tok, cfg, log=notes.append, progress=False)
     jsonl, md, png = result["paths"]
     rows = read_rows(jsonl)
-    assert len(rows) == 2 * (1 + 2 * 2)  # tasks x (full + methods x ratios)
-    assert {r["method"] for r in rows} == {FULL, "snapkv", "streamingllm"}
-    assert any("budgetonly" in n and "compression_ratio" in n for n in notes)
-    assert any("nosuch" in n for n in notes)
-    assert result["skipped"] == ["budgetonly", "nosuch"]
+    assert len(rows) == 2 * (1 + 2 * 2 + 1)  # tasks x (full + methods x ratios + budgetonly at its defaults)
+    assert {r["method"] for r in rows} == {FULL, "snapkv", "streamingllm", "budgetonly"}
+    assert {r["ratio"] for r in rows if r["method"] == "budgetonly"} == {bench_mod.DEFAULT_SETTINGS}
+    assert any("nosuch" in n and "not a registered method" in n for n in notes)
+    assert any("broken" in n and "no such luck" in n for n in notes)
+    assert any("pca" in n and "--calibration" in n for n in notes)
+    assert [s.split()[0] for s in result["skipped"]] == ["nosuch", "broken", "pca"]
+    default = next(e for e in result["table"] if e["method"] == "budgetonly")
+    assert bench_mod.plot_ratio(default) == pytest.approx(1 - default["bytes_vs_full"]) and 0 < default["bytes_vs_full"] < 1
     for r in rows:
         assert not r.get("error"), r
         assert 0.0 <= r["score"] <= 1.0 and abs(r["tokens"] - LENGTH) <= 0.02 * LENGTH
         assert r["cache_bytes_prefill"] > 0 and r["prefill_s"] > 0
     text = md.read_text()
     assert "| method | ratio | cache MiB | bytes vs full | niah_single | vt | avg |" in text
-    assert "DynamicCache (full)" in text and "Skipped" in text and "budgetonly" in text
+    assert "DynamicCache (full)" in text and "Skipped" in text and "| budgetonly | default (0." in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     snap = next(e for e in result["table"] if e["method"] == "snapkv" and e["ratio"] == 0.5)
     assert snap["bytes_vs_full"] == pytest.approx(0.5, abs=0.02)
@@ -115,6 +125,44 @@ def test_bench_with_perplexity(model, tok, tmp_path):
         run_bench(model, tok, config(tmp_path, tasks=["perplexity"]), progress=False)
     with pytest.raises(ValueError, match="unknown tasks"):
         run_bench(model, tok, config(tmp_path, tasks=["qa"]), progress=False)
+
+
+def test_bench_calibrates_pca_matryoshka_and_elitekv_once(tok, tmp_path, monkeypatch):
+    import compresskv.eval.methods as methods_mod
+    from compresskv import elitekv
+
+    for name, value in dict(CALIB_SEQ_LEN=64, CALIB_WINDOWS=2, TRAIN_SEQ_LEN=64, TRAIN_STEPS=2,
+                            ALLOC_SEQ_LEN=64, ALLOC_WINDOWS=1).items():
+        monkeypatch.setattr(methods_mod, name, value)
+    monkeypatch.setenv("COMPRESSKV_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama", vocab_size=len(tok), layers=4)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = tmp_path / "calibration.txt"
+    calib.write_text(prose(400, seed=3))
+    cfg = config(tmp_path, methods=["pca", "matryoshka", "elitekv", "minicache", "snapkv"], ratios=[0.5, 0.75],
+                 tasks=["niah_single"], calibration=str(calib))
+    result = run_bench(model, tok, cfg, log=lambda m: None, progress=False)
+    rows = read_rows(result["paths"][0])
+    assert all(not r.get("error") for r in rows), [r.get("error") for r in rows]
+    assert len(rows) == 1 + 4 * 2 + 1 and result["skipped"] == []
+    for entry in result["table"]:
+        if entry["method"] in ("pca", "matryoshka", "elitekv", "snapkv"):
+            assert entry["bytes_vs_full"] == pytest.approx(1 - entry["ratio"], abs=0.06), entry
+    # The model is handed back as loaded: the EliteKV conversion was reverted.
+    assert not elitekv.is_converted(model)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    work = next((tmp_path / "cache" / "bench").iterdir())
+    assert {p.name for p in work.iterdir()} == {"pca", "matryoshka", "ropelite"}
+    assert "calibrated on `calibration.txt`" in result["paths"][1].read_text()
+
+    # Rerunning the calibrated rows reuses the artifacts on disk instead of calibrating again.
+    jsonl = result["paths"][0]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows if r["method"] not in ("pca", "matryoshka", "elitekv")))
+    for name in ("calibrate", "train_projections", "allocate_ranks"):
+        monkeypatch.setattr(compresskv.matryoshka, name, lambda *a, **k: pytest.fail("recalibrated"))
+    monkeypatch.setattr(elitekv, "rank_frequencies", lambda *a, **k: pytest.fail("re-ranked"))
+    again = run_bench(model, tok, cfg, log=lambda m: None, progress=False)
+    assert all(not r.get("error") for r in again["rows"]) and len(again["rows"]) == len(rows)
 
 
 def test_aggregate_pairs_each_row_with_its_full_cache_run():

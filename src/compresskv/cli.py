@@ -116,6 +116,7 @@ def bench(args: argparse.Namespace) -> int:
         text=args.text,
         haystack=args.haystack,
         continuation=args.continuation,
+        calibration=args.calibration,
         command=shlex.join(["compresskv", *(args.argv or [])]),
     )
     model, tokenizer = load_model(args.model, device=args.device)
@@ -142,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="score every method at every ratio on long-context tasks vs DynamicCache; JSON lines, table, plot",
-        description="Run every method (that can be built from compression_ratio) at every ratio on RULER-style "
-        "tasks (and perplexity with --text), against DynamicCache in the same run. Writes OUT.jsonl "
+        description="Run every method at every ratio on RULER-style tasks (and perplexity with --text), against "
+        "DynamicCache in the same run. pca, matryoshka and elitekv calibrate once on --calibration (kept under "
+        "$COMPRESSKV_CACHE/bench); minicache, which has no ratio, runs once at its defaults. Writes OUT.jsonl "
         "(resumable: rerunning skips finished rows), OUT.md and OUT.png.",
     )
     b.add_argument("--model", default=None, help="hub id or local path (default: embedded SmolLM2-135M-Instruct)")
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--length", type=int, default=4096, help="prompt (perplexity: prefix) length in tokens (default: 4096)")
     b.add_argument("--seeds", default="0", help="comma-separated seeds, one prompt per task and seed (default: 0)")
     b.add_argument("--text", default=None, help="text for perplexity: a file, or hf:NAME[:CONFIG[:SPLIT]] (datasets)")
+    b.add_argument("--calibration", default=None, help="text the calibrated methods (pca, matryoshka, elitekv) "
+                   "calibrate on: a file or hf:NAME (keep it apart from --text); without it they are skipped")
     b.add_argument("--haystack", default=None, help="text file to hide needles in (default: RULER's noise sentences)")
     b.add_argument("--continuation", type=int, default=512, help="perplexity: tokens scored after the prefix (default: 512)")
     b.add_argument("--out", type=Path, default=Path("benchmarks/results/bench"), help="output stem (default: benchmarks/results/bench)")

@@ -4,12 +4,15 @@ the same run; and the ``compresskv bench`` driver that writes JSON lines, a tabl
 
 from .bench import BenchConfig, aggregate, plot, run_bench, table_markdown
 from .measure import PeakMemory, cache_nbytes, run_task
+from .machine import machine_info
+from .methods import MethodBuilder
 from .needle import NeedleTask, dynamic_cache_nbytes, make_needle_task, run_needle
 from .perplexity import PerplexityTask, load_text, make_perplexity_task, run_perplexity
 from .tasks import Task, available_tasks, make_task, score_all
 
 __all__ = [
     "BenchConfig",
+    "MethodBuilder",
     "NeedleTask",
     "PeakMemory",
     "PerplexityTask",
@@ -19,6 +22,7 @@ __all__ = [
     "cache_nbytes",
     "dynamic_cache_nbytes",
     "load_text",
+    "machine_info",
     "make_needle_task",
     "make_perplexity_task",
     "make_task",

@@ -7,8 +7,11 @@ transformers ``DynamicCache`` (compresskv's attention uninstalled), run first fo
 command skips the rows already there (rows that failed are retried). Every ratio in the table is
 taken pairwise against the full-cache row of the same task and seed.
 
-A method is benchmarked when it can be built from ``compression_ratio`` alone (the fraction of
-the prompt's cache removed); the others are skipped with a printed note.
+Methods are built by :class:`compresskv.eval.methods.MethodBuilder`: from ``compression_ratio``
+(the fraction of the prompt's cache removed), after a one-off calibration on ``calibration`` for
+``pca``, ``matryoshka`` and ``elitekv``, or at their default settings when they have no ratio
+(``minicache``). A method that cannot be built is skipped with a printed note. Runs go method by
+method (an EliteKV conversion happens once per ratio and is reverted before anything else runs).
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+
+from .methods import DEFAULT_SETTINGS, ratio_label
 
 FULL = "full"
 PERPLEXITY = "perplexity"
@@ -35,7 +38,8 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 class BenchConfig:
     """What to run. ``tasks`` are names from :func:`~compresskv.eval.available_tasks` plus
     ``"perplexity"`` (which needs ``text``); ``out`` is the output stem (``.jsonl``, ``.md``,
-    ``.png`` are added)."""
+    ``.png`` are added); ``calibration`` is the text (file or ``hf:NAME``) the calibrated methods
+    (``pca``, ``matryoshka``, ``elitekv``) calibrate on; keep it apart from ``text``."""
 
     methods: list[str]
     ratios: list[float]
@@ -47,6 +51,7 @@ class BenchConfig:
     text: str | None = None
     haystack: str | None = None
     continuation: int = 512
+    calibration: str | None = None
     command: str = ""
 
 
@@ -72,44 +77,37 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
-    import transformers
+    from .machine import machine_info
 
-    from .. import __version__
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "compresskv": __version__,
-        "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
+    info = machine_info(device)
+    info["loadavg_1min"] = info["loadavg_1_5_15"][0] if info.get("loadavg_1_5_15") else None
+    return info
 
 
-def usable_methods(model: Any, methods: Sequence[str], ratios: Sequence[float], log: Callable[[str], None] = print) -> list[str]:
-    """The methods that can be built from ``compression_ratio`` alone at every ratio; a note is
-    logged for each one skipped."""
-    from ..attention import uninstall
-    from ..patching import available_methods, make_cache, method_options
+def usable_methods(
+    model: Any, methods: Sequence[str], ratios: Sequence[float], log: Callable[[str], None] = print,
+    builder: Any = None,
+) -> list[str]:
+    """The methods that can be benchmarked: registered, and either calibrated (given a calibration
+    text; built lazily, their failures are recorded per row) or buildable at every ratio right
+    away. A note is logged for each one skipped."""
+    from .methods import CALIBRATED, MethodBuilder
 
+    builder = builder or MethodBuilder(model, None, None, ratios, log=log)
     ok = []
     for method in methods:
-        if method not in available_methods():
-            log(f"note: skipping {method!r}: not a registered method (available: {available_methods()})")
-            continue
-        if "compression_ratio" not in method_options(method):
-            log(f"note: skipping {method!r}: it does not take compression_ratio (options: {method_options(method)})")
-            continue
-        try:
-            for ratio in ratios:
-                make_cache(model, method, compression_ratio=ratio)
-        except Exception as err:  # noqa: BLE001 - any failure to build means: not benchmarkable this way
-            log(f"note: skipping {method!r}: cannot be built from compression_ratio alone ({type(err).__name__}: {err})")
+        why = builder.unusable(method)
+        if why is None and method not in CALIBRATED:
+            try:
+                for ratio in builder.ratios_for(method, ratios):
+                    builder.build(method, ratio)
+            except Exception as err:  # noqa: BLE001 - any failure to build means: not benchmarkable this way
+                why = f"cannot be built ({type(err).__name__}: {err})"
+        if why:
+            log(f"note: skipping {method!r}: {why}")
             continue
         ok.append(method)
-    uninstall(model)
+    builder.release()
     return ok
 
 
@@ -121,10 +119,8 @@ def run_bench(
     ``{"rows", "table", "skipped", "paths"}``."""
     from tqdm.auto import tqdm
 
-    from ..attention import uninstall
-    from ..patching import make_cache
-    from .measure import run_task
-    from .perplexity import load_text, make_perplexity_task, run_perplexity, tokenize_text
+    from .methods import MethodBuilder
+    from .perplexity import load_text, make_perplexity_task, tokenize_text
     from .tasks import available_tasks, make_task
 
     say = log or tqdm.write
@@ -134,10 +130,11 @@ def run_bench(
     if PERPLEXITY in config.tasks and not config.text:
         raise ValueError("compresskv bench: the perplexity task needs a text (--text PATH or hf:NAME)")
     device = next(model.parameters()).device
-    skipped = [m for m in config.methods]
-    methods = usable_methods(model, config.methods, config.ratios, log=say)
-    skipped = [m for m in skipped if m not in methods]
-    runs = [(FULL, 0.0)] + [(m, float(r)) for m in methods for r in config.ratios]
+    builder = MethodBuilder(model, tokenizer, config.calibration, config.ratios, log=say)
+    methods = usable_methods(model, config.methods, config.ratios, log=say, builder=builder)
+    skipped = [f"{m} ({builder.unusable(m) or 'could not be built; see the log'})" for m in config.methods if m not in methods]
+    # Method-major, the baseline first: a method's setup (an EliteKV conversion) happens once per ratio.
+    runs = [(FULL, 0.0)] + [(m, r) for m in methods for r in builder.ratios_for(m, config.ratios)]
 
     jsonl = Path(str(config.out) + ".jsonl")
     jsonl.parent.mkdir(parents=True, exist_ok=True)
@@ -145,79 +142,60 @@ def run_bench(
     haystack_text = Path(config.haystack).read_text(encoding="utf-8", errors="replace") if config.haystack else None
     text_ids: list[int] | None = None
 
-    def source(task: str) -> str | None:
-        if task == PERPLEXITY:
-            return f"{config.text}+{config.continuation}"
-        return config.haystack
+    def source(task: str, method: str) -> str | None:
+        base = f"{config.text}+{config.continuation}" if task == PERPLEXITY else config.haystack
+        extra = builder.source(method)
+        return base if extra is None else f"{base}|{extra}"
 
-    plan = [
-        (task, seed, method, ratio)
-        for task in config.tasks
-        for seed in config.seeds
-        for method, ratio in runs
-    ]
-    keys = {p: row_key(config.model, config.length, p[0], p[1], p[2], p[3], source(p[0])) for p in plan}
+    plan = [(task, seed, method, ratio) for method, ratio in runs for task in config.tasks for seed in config.seeds]
+    keys = {p: row_key(config.model, config.length, p[0], p[1], p[2], p[3], source(p[0], p[2])) for p in plan}
     pending = [p for p in plan if keys[p] not in done]
     bar = tqdm(total=len(plan), initial=len(plan) - len(pending), desc="bench", unit="run", disable=not progress)
     if pending:
         with torch.inference_mode():  # warm-up, so that the first timed run is not penalised
             model(input_ids=torch.ones(1, 32, dtype=torch.long, device=device))
-    current: tuple[str, int] | None = None
-    task_obj: Any = None
-    for p in pending:
-        task, seed, method, ratio = p
-        bar.set_postfix_str(f"{task} seed={seed} {method} {ratio:g}")
-        if current != (task, seed):
+    tasks: dict[tuple[str, int], Any] = {}
+
+    def task_for(task: str, seed: int) -> Any:
+        nonlocal text_ids
+        if (task, seed) not in tasks:
             if task == PERPLEXITY:
                 if text_ids is None:
                     need = (config.length + config.continuation) * 8
                     text_ids = tokenize_text(tokenizer, load_text(config.text, min_chars=need))  # type: ignore[arg-type]
-                task_obj = make_perplexity_task(tokenizer, text_ids, config.length, config.continuation, seed)
+                tasks[task, seed] = make_perplexity_task(tokenizer, text_ids, config.length, config.continuation, seed)
             else:
-                task_obj = make_task(task, tokenizer, config.length, seed=seed, haystack=haystack_text)
-            current = (task, seed)
-        row: dict[str, Any] = {
-            "key": keys[p], "model": config.model, "length": config.length, "task": task, "seed": seed,
-            "method": method, "ratio": ratio, "source": source(task),
-        }
-        start = time.perf_counter()
-        try:
-            if method == FULL:
-                uninstall(model)  # the baseline is the model exactly as loaded
-                cache = None
-            else:
-                cache = make_cache(model, method, compression_ratio=ratio)
-            if task == PERPLEXITY:
-                result = run_perplexity(model, task_obj, cache)
-                result["score"] = None
-            else:
-                result = run_task(model, tokenizer, task_obj, cache)
-                result["expected"] = task_obj.answers
-            if cache is not None and hasattr(cache, "stats"):
-                stored = [n for n in cache.stats().tokens_stored if n is not None]
-                if stored:
-                    result["stored_min"], result["stored_max"] = min(stored), max(stored)
-            row.update(result)
-        except Exception as err:  # noqa: BLE001 - record it, go on, retry on the next run
-            row["error"] = f"{type(err).__name__}: {err}"
-            from ..attention import clear_pending
+                tasks[task, seed] = make_task(task, tokenizer, config.length, seed=seed, haystack=haystack_text)
+        return tasks[task, seed]
 
-            clear_pending()
-        row["seconds"] = time.perf_counter() - start
-        row["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        row["machine"] = _machine(device)
-        with jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if row.get("error"):
-            say(f"{task} seed={seed} {method} {ratio:g}: ERROR {row['error']}")
-        elif task == PERPLEXITY:
-            say(f"{task} seed={seed} {method:>13} {ratio:<6g} ppl={row['ppl']:.3f} prefill={row['prefill_s']:.1f}s")
-        else:
-            say(f"{task} seed={seed} {method:>13} {ratio:<6g} score={row['score']:.2f} "
-                f"prefill={row['prefill_s']:.1f}s {row['answer'][:60]!r}")
-        bar.update()
-    bar.close()
-    uninstall(model)
+    current: tuple[str, float] | None = None
+    try:
+        for p in pending:
+            task, seed, method, ratio = p
+            bar.set_postfix_str(f"{method} {ratio_label(ratio)} {task} seed={seed}")
+            if current is not None and current[0] != method:
+                builder.release()  # e.g. revert an EliteKV conversion before the next method
+            current = (method, ratio)
+            row: dict[str, Any] = {
+                "key": keys[p], "model": config.model, "length": config.length, "task": task, "seed": seed,
+                "method": method, "ratio": ratio, "source": source(task, method),
+            }
+            row.update(_run_one(model, tokenizer, builder, task_for(task, seed), task, method, ratio))
+            row["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            row["machine"] = _machine(device)
+            with jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            label = f"{task} seed={seed} {method:>13} {ratio_label(ratio):<7}"
+            if row.get("error"):
+                say(f"{label}: ERROR {row['error']}")
+            elif task == PERPLEXITY:
+                say(f"{label} ppl={row['ppl']:.3f} prefill={row['prefill_s']:.1f}s")
+            else:
+                say(f"{label} score={row['score']:.2f} prefill={row['prefill_s']:.1f}s {row['answer'][:60]!r}")
+            bar.update()
+    finally:
+        bar.close()
+        builder.release()
 
     wanted = set(keys.values())
     rows = [r for r in read_rows(jsonl) if r.get("key") in wanted]
@@ -226,7 +204,8 @@ def run_bench(
         if not r.get("error") or r["key"] not in latest:
             latest[r["key"]] = r
     rows = list(latest.values())
-    table = aggregate(rows, config.tasks, [FULL] + methods, config.ratios)
+    ratios = sorted({r for _, r in runs[1:]}, key=lambda r: (r == DEFAULT_SETTINGS, r))
+    table = aggregate(rows, config.tasks, [FULL] + methods, ratios)
     md_path = Path(str(config.out) + ".md")
     md_path.write_text(markdown(rows, table, config, skipped))
     png_path: Path | None = Path(str(config.out) + ".png")
@@ -236,6 +215,38 @@ def run_bench(
         say("note: no plot written (matplotlib is missing: pip install 'compresskv[bench]')")
         png_path = None
     return {"rows": rows, "table": table, "skipped": skipped, "paths": [jsonl, md_path, png_path]}
+
+
+def _run_one(model: Any, tokenizer: Any, builder: Any, task_obj: Any, task: str, method: str, ratio: float) -> dict[str, Any]:
+    """One row's measurements (or its ``error``), with the seconds it took, setup included."""
+    from . import measure
+    from .perplexity import run_perplexity
+
+    start = time.perf_counter()
+    result: dict[str, Any] = {}
+    try:
+        if method == FULL:
+            builder.release()  # the baseline is the model exactly as loaded
+            cache = None
+        else:
+            cache = builder.build(method, ratio)
+        if task == PERPLEXITY:
+            result = run_perplexity(model, task_obj, cache)
+            result["score"] = None
+        else:
+            result = measure.run_task(model, tokenizer, task_obj, cache)
+            result["expected"] = task_obj.answers
+        if cache is not None and hasattr(cache, "stats"):
+            stored = [n for n in cache.stats().tokens_stored if n is not None]
+            if stored:
+                result["stored_min"], result["stored_max"] = min(stored), max(stored)
+    except Exception as err:  # noqa: BLE001 - record it, go on, retry on the next run
+        from ..attention import clear_pending
+
+        result["error"] = f"{type(err).__name__}: {err}"
+        clear_pending()
+    result["seconds"] = time.perf_counter() - start
+    return result
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -299,6 +310,20 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _ratio_cell(entry: dict[str, Any]) -> str:
+    if entry["ratio"] == DEFAULT_SETTINGS and entry.get("bytes_vs_full") is not None:
+        return f"default ({1 - entry['bytes_vs_full']:.2f})"
+    return ratio_label(entry["ratio"])
+
+
+def plot_ratio(entry: dict[str, Any]) -> float | None:
+    """Where an entry sits on the plot's x axis: its asked ratio, or for a method run at its
+    default settings the fraction of the cache it measurably removed."""
+    if entry["ratio"] == DEFAULT_SETTINGS:
+        return None if entry.get("bytes_vs_full") is None else 1.0 - entry["bytes_vs_full"]
+    return entry["ratio"]
+
+
 def table_markdown(table: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     """The Markdown table of :func:`aggregate`'s entries (scores 0-100, higher is better;
     perplexity lower is better; every "vs full" is a ratio to the DynamicCache rows)."""
@@ -313,7 +338,7 @@ def table_markdown(table: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str
     for e in table:
         cells = [
             "DynamicCache (full)" if e["method"] == FULL else e["method"],
-            f"{e['ratio']:g}",
+            _ratio_cell(e),
             _fmt(e["cache_bytes"] / 2**20 if e["cache_bytes"] is not None else None, ".2f"),
             _fmt(e["bytes_vs_full"], ".3f"),
         ]
@@ -344,7 +369,10 @@ def markdown(rows: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], co
         f"Model `{config.model}`, prompts of ~{config.length} tokens "
         f"(measured {lengths[0]}–{lengths[-1]})" if lengths else f"Model `{config.model}`",
         f"; tasks {', '.join(config.tasks)}; seeds {', '.join(map(str, config.seeds))}; "
-        f"compression ratios {', '.join(f'{r:g}' for r in config.ratios)} (fraction of the prompt's cache removed).",
+        f"compression ratios {', '.join(f'{r:g}' for r in config.ratios)} (fraction of the prompt's cache removed)"
+        + (f"; calibrated methods calibrated on `{Path(config.calibration).name}`" if config.calibration else "")
+        + ". A method without a ratio option runs once at its default settings (`default`, with the fraction "
+        "it removed).",
     ]
     lines = [
         "# compresskv bench: accuracy, perplexity, memory and speed vs compression ratio",
@@ -369,7 +397,7 @@ def markdown(rows: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], co
         )
         lines.append("")
     if skipped:
-        lines += [f"Skipped (cannot be built from `compression_ratio` alone): {', '.join(skipped)}.", ""]
+        lines += [f"Skipped: {'; '.join(skipped)}.", ""]
     errors = [r for r in rows if r.get("error")]
     if errors:
         lines += [f"{len(errors)} runs failed; rerun the command to retry them. First: `{errors[0]['error']}`.", ""]
@@ -409,10 +437,11 @@ def plot(table: Sequence[dict[str, Any]], tasks: Sequence[str], path: Path, titl
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.6 * rows_n), squeeze=False)
     full = next((e for e in table if e["method"] == FULL), None)
     methods = list(dict.fromkeys(e["method"] for e in table if e["method"] != FULL))
-    ratios = sorted({e["ratio"] for e in table if e["method"] != FULL})
+    ratios = sorted({e["ratio"] for e in table if e["method"] != FULL and e["ratio"] != DEFAULT_SETTINGS})
     for ax, (name, get, ylabel) in zip(axes.flat, panels):
         for i, method in enumerate(methods):
-            pts = [(e["ratio"], get(e)) for e in table if e["method"] == method and get(e) is not None]
+            pts = [(plot_ratio(e), get(e)) for e in table
+                   if e["method"] == method and get(e) is not None and plot_ratio(e) is not None]
             if pts:
                 xs, ys = zip(*sorted(pts))
                 # Distinct markers, and earlier lines drawn wider, so that methods with equal
@@ -426,9 +455,11 @@ def plot(table: Sequence[dict[str, Any]], tasks: Sequence[str], path: Path, titl
         ax.set_xlabel("compression ratio (fraction removed)")
         ax.set_ylabel(ylabel)
         if ratios:
-            ax.set_xticks(ratios)
+            ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
         if ylabel.startswith("score"):
             ax.set_ylim(-5, 105)
+        else:  # perplexities span orders of magnitude across methods
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
