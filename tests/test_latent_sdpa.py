@@ -317,6 +317,20 @@ def test_attention_with_lse_on_cpu_equals_softmax_and_logsumexp():
     assert latent_mod.attention_with_lse(q.requires_grad_(), k, v, None, 0.3) is None  # inference only
 
 
+def test_attention_with_lse_falls_back_when_the_aten_kernel_refuses(monkeypatch):
+    """The ATen kernels are private: a changed signature means the explicit path, with one warning."""
+
+    def refuse(*args, **kwargs):
+        raise TypeError("unexpected keyword argument 'scale'")
+
+    monkeypatch.setattr(latent_mod, "_aten_attention_with_lse", refuse)
+    monkeypatch.setattr(latent_mod, "_WARNED", set())
+    q = k = v = torch.randn(1, 2, 3, 8)
+    with pytest.warns(RuntimeWarning, match="explicit path"):
+        assert latent_mod.attention_with_lse(q, k, v, None, 0.3) is None
+    assert latent_mod.attention_with_lse(q, k, v, None, 0.3) is None  # warned once only
+
+
 def test_aligned_bias_keeps_aligned_storage_and_pads_the_rest():
     aligned = torch.randn(2, 3, 1, 16)
     out = latent_mod._aligned_bias(aligned, (2, 3, 4, 16))

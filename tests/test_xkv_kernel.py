@@ -74,6 +74,35 @@ def test_reference_equals_the_exact_xkv_attention(keys, q_len, positions):
         assert (wrong - expected).abs().max().item() > 1e-2
 
 
+def test_an_automatically_chosen_kernel_that_fails_falls_back_to_the_reference(monkeypatch):
+    """On a GPU/Triton the kernel does not build on, decoding goes on through the reference (one
+    warning, not retried); a kernel asked for explicitly raises."""
+    kernel = importlib.import_module("compresskv.kernels.xkv_decode")  # the package's name is the function
+
+    _, _, _, _, cache = prefilled("pre_rope", read_mode="rebuild")
+    layer = cache.layers[1]
+    qg = torch.randn(3, 2, 2, 16, generator=torch.Generator().manual_seed(4))
+    args = (qg, layer.group.latent_k, layer.factor_k, layer.group.latent_v, layer.factor_v, cache.prefix_rope(),
+            layer.valid[:, :, : layer.prefix_len], 0.25)
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(kernel, "xkv_decode_triton", broken)
+    monkeypatch.setattr(kernel, "_TRITON_FAILED", [])
+    monkeypatch.setattr(kernel, "_triton_usable", lambda latent: not kernel._TRITON_FAILED)  # as on a GPU
+    expected, _ = xkv_decode_reference(*args)
+    with pytest.warns(RuntimeWarning, match="PassManager"):
+        out, _ = xkv_decode(*args)
+    assert torch.equal(out, expected) and len(calls) == 1
+    out, _ = xkv_decode(*args)  # not retried
+    assert torch.equal(out, expected) and len(calls) == 1
+    with pytest.raises(RuntimeError, match="PassManager"):
+        xkv_decode(*args, backend="triton")
+
+
 def full_softmax(qg, keys, values, mask, scaling):
     logits = (qg @ keys.transpose(-1, -2)) * scaling
     logits = logits.masked_fill(~mask, float("-inf"))

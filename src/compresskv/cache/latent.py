@@ -21,6 +21,7 @@ softmax parts exactly).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -112,6 +113,16 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     """
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return None
+    try:
+        return _aten_attention_with_lse(query, key, value, bias, scale)
+    except (RuntimeError, TypeError) as err:  # a private ATen signature that changed: use the explicit path
+        _warn_once(f"compresskv: fused attention with log-sum-exp unavailable ({type(err).__name__}: {err}); "
+                   "using the explicit path")
+        return None
+
+
+def _aten_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     ops = torch.ops.aten
     if query.device.type == "cpu":
         if key.shape[-1] != value.shape[-1] or not hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu"):
@@ -131,6 +142,15 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         bias = _aligned_bias(bias, (b, h, q, key.shape[-2]))
     result = ops._scaled_dot_product_efficient_attention(query, key, value, bias, True, scale=scale)
     return result[0], result[1][..., :q].float()  # its log-sum-exp is padded to 32 query rows
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def elitekv_spec(model: Any) -> dict[str, Any]:

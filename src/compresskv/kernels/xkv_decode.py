@@ -28,6 +28,7 @@ of its query heads.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -448,6 +449,14 @@ def xkv_decode_triton(
 
 
 # -- dispatch ------------------------------------------------------------------------------------
+#: Why the Triton kernel failed when chosen automatically (then it is not tried again).
+_TRITON_FAILED: list[str] = []
+
+
+def _triton_usable(latent: torch.Tensor) -> bool:
+    return latent.is_cuda and latent.dtype in _FLOAT_DTYPES and triton_available() and not _TRITON_FAILED
+
+
 def xkv_decode(
     query_groups: torch.Tensor,
     latent_k: torch.Tensor,
@@ -465,13 +474,22 @@ def xkv_decode(
     """Fused xKV prefix attention: the Triton kernel when the tensors are on CUDA and triton
     imports (``backend="auto"``), else the PyTorch reference; ``backend="triton"`` or
     ``"reference"`` forces one. Arguments and result as :func:`xkv_decode_reference`."""
-    if backend == "auto":
-        usable = latent_k.is_cuda and latent_k.dtype in _FLOAT_DTYPES and triton_available()
-        backend = "triton" if usable else "reference"
+    chosen = backend == "auto"
+    if chosen:
+        backend = "triton" if _triton_usable(latent_k) else "reference"
     if backend == "triton":
-        return xkv_decode_triton(
-            query_groups, latent_k, factor_k, latent_v, factor_v, rope, key_mask, scaling, info=info
-        )
+        try:
+            return xkv_decode_triton(
+                query_groups, latent_k, factor_k, latent_v, factor_v, rope, key_mask, scaling, info=info
+            )
+        except Exception as err:  # noqa: BLE001 - a GPU/Triton the kernel does not build on
+            if not chosen:
+                raise
+            # Chosen automatically: decoding must go on, so fall back to the reference from now on.
+            _TRITON_FAILED.append(f"{type(err).__name__}: {err}")
+            warnings.warn(f"compresskv: the fused xKV Triton kernel failed ({_TRITON_FAILED[0][:300]}); "
+                          "using the PyTorch reference path", RuntimeWarning, stacklevel=2)
+            backend = "reference"
     if backend != "reference":
         raise ValueError(f"xkv_decode: backend must be 'auto', 'triton' or 'reference', got {backend!r}.")
     return xkv_decode_reference(
