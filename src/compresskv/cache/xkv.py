@@ -443,11 +443,11 @@ class _PrefixLayer(KVLayer):
         start = time.perf_counter()
         cost = ReadCost(reads=1, compressed_bytes=self.compressed_nbytes())
         if self.cache.read_mode != "model" and self._direct_ok(call):
-            if self._fused_ok(call):
-                out = self._fused_attention(call, cost)
-                cost.fused_reads = 1
-            else:
+            out = self._fused_attention(call, cost)
+            if out is None:
                 out = self._direct_attention(call, mask, cost)
+            else:
+                cost.fused_reads = 1
         else:
             keys, values = self.rebuild_prefix(cost)
             keys = torch.cat([keys, call.key], dim=-2)
@@ -475,12 +475,10 @@ class _PrefixLayer(KVLayer):
         """Bytes of the compressed prefix one read of this layer streams (group-shared and own tensors)."""
         return tensor_bytes(*self.group.tensors(), *self.own_tensors())
 
-    def _fused_ok(self, call: AttentionCall) -> bool:
-        """Whether the fused decode reads the prefix (only layers that have one override this)."""
-        return False
-
-    def _fused_attention(self, call: AttentionCall, cost: ReadCost) -> tuple[torch.Tensor, Any]:  # pragma: no cover
-        raise NotImplementedError
+    def _fused_attention(self, call: AttentionCall, cost: ReadCost) -> tuple[torch.Tensor, Any] | None:
+        """Attention by a fused decode read of the prefix, or ``None`` when this layer has none or it
+        does not apply to ``call`` (layers with a fused read override this)."""
+        return None
 
     def _direct_attention(self, call: AttentionCall, mask: Any, cost: ReadCost) -> tuple[torch.Tensor, Any]:
         query = call.query
@@ -684,9 +682,12 @@ class XKVLayer(_PrefixLayer):
             and triton_available()
         )
 
-    def _fused_attention(self, call: AttentionCall, cost: ReadCost) -> tuple[torch.Tensor, Any]:
-        """Prefix attention by :func:`~compresskv.kernels.xkv_decode.xkv_decode` (the Triton kernel
-        on CUDA, its PyTorch reference elsewhere), the tail in plain torch, merged by log-sum-exp."""
+    def _fused_attention(self, call: AttentionCall, cost: ReadCost) -> tuple[torch.Tensor, Any] | None:
+        """``None`` unless :meth:`_fused_ok`; then prefix attention by
+        :func:`~compresskv.kernels.xkv_decode.xkv_decode` (the Triton kernel on CUDA, its PyTorch
+        reference elsewhere), the tail in plain torch, merged by log-sum-exp."""
+        if not self._fused_ok(call):
+            return None
         query = call.query
         bsz, n_q, q_len, dim = query.shape
         n_kv = call.key.shape[1]
