@@ -83,6 +83,7 @@ class MethodBuilder:
         self.work_dir = Path(work_dir) if work_dir is not None else cache_root() / "bench"
         self.log = log
         self._ids: list[int] | None = None
+        self._text_hash: str | None = None
         self._artifacts: dict[str, Any] = {}
 
     # -- what each method needs ----------------------------------------------------------------
@@ -169,8 +170,9 @@ class MethodBuilder:
     def _dir(self, name: str) -> Path:
         from ..calibration import config_hash
 
-        text = hashlib.sha256(json.dumps(self._token_ids()).encode()).hexdigest()[:12]
-        return self.work_dir / f"{config_hash(self.model)}-{text}" / name
+        if self._text_hash is None:
+            self._text_hash = hashlib.sha256(json.dumps(self._token_ids()).encode()).hexdigest()[:12]
+        return self.work_dir / f"{config_hash(self.model)}-{self._text_hash}" / name
 
     def _cached(self, name: str, kind: Any, make: Callable[[], Any]) -> Any:
         if name in self._artifacts:
