@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 from typing import Any, Callable
 
 import pytest
@@ -34,7 +35,8 @@ from conftest import VOCAB, batch_inputs, tiny_model
 
 pytestmark = pytest.mark.gpu
 
-DEVICE = "cuda"  # module-level so that the logic can be dry-run on another device
+# COMPRESSKV_GPU_TESTS_ON=cpu dry-runs this module's logic without a GPU (conftest then runs it).
+DEVICE = os.environ.get("COMPRESSKV_GPU_TESTS_ON", "cuda")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Floor of the logit tolerance, relative to the largest |logit| of the reference: about 4 ulps of
 # the dtype at the logits' scale (bf16 has 8 mantissa bits, fp16 11).
@@ -361,11 +363,11 @@ def test_model_split_across_gpu_and_cpu(variant, split):
     """fp32, 4 layers, layers ``split..3`` running on the CPU. Split 2 keeps the no-compression
     xKV/MiniCache groups of 2 on one device; split 1 makes a group of 2 span both devices; xKV's
     default group of 4 (the compressing setting) spans both in either case."""
-    run_split(variant, split, "cuda:0", "cpu")
+    run_split(variant, split, DEVICE, "cpu")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_model_with_cpu_offloaded_layers(variant):
     """accelerate's usual CPU offload (``from_pretrained(device_map=...)`` with CPU entries):
     layers 2..3 keep their weights on the CPU but run on the GPU, so their caches are on the GPU."""
-    run_split(variant, 2, "cuda:0", "cpu", run_second_there=False)
+    run_split(variant, 2, DEVICE, "cpu", run_second_there=False)
