@@ -35,6 +35,7 @@ forced with ``attention="absorb_explicit"``.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -270,7 +271,9 @@ class EliteKVAttention(nn.Module):
         kw = {"device": device, "dtype": dtype}
         hidden, d = config.hidden_size, self.head_dim
         self.q_proj = nn.Linear(hidden, heads * d, bias=bias["q"], **kw)
-        self.k_rope_proj = nn.Linear(hidden, kv_heads * 2 * self.rope_pairs, bias=bias["k"], **kw)
+        with warnings.catch_warnings():  # rope_pairs=0 (no RoPE dims kept) makes it empty, on purpose
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            self.k_rope_proj = nn.Linear(hidden, kv_heads * 2 * self.rope_pairs, bias=bias["k"], **kw)
         self.kv_down = nn.Linear(hidden, self.kv_dim, bias=False, **kw)
         self.kv_up = nn.Linear(self.kv_dim, kv_heads * (self.nope_dim + d), bias=bias["k"] or bias["v"], **kw)
         self.o_proj = nn.Linear(heads * d, hidden, bias=bias["o"], **kw)
@@ -647,9 +650,10 @@ def convert(
         moment = None if moments is None else moments[i]
         new_weights, err = jlrd_weights(attn, chosen[i], c, dims, moment, damping)
         errors.append(err)
-        new = EliteKVAttention(config, i, spec, device=weight.device, dtype=weight.dtype)
-        state = {k: v.to(weight.dtype) for k, v in new_weights.items() if v is not None}
-        new.load_state_dict(state, strict=True)
+        # Built on the meta device and given the decomposed weights: no random init to overwrite.
+        new = EliteKVAttention(config, i, spec, device="meta", dtype=weight.dtype)
+        state = {k: v.to(weight.device, weight.dtype) for k, v in new_weights.items() if v is not None}
+        new.load_state_dict(state, strict=True, assign=True)
         new.train(attn.training)
         layer.self_attn = new
         if keep_original:
