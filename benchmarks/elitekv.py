@@ -358,7 +358,6 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
         "|---:|:---|:---|---:|---:|---:|---:|---:|",
     ]
     full_bytes = base.get("cache_bytes_prefix")
-    full_decode = base.get("decode_tok_s")
     lines.append(f"| 1.0 | original (DynamicCache) | – | 32 | – | 1.000 | {_f(base.get('ppl'), '.3f')} | "
                  f"{_f(base.get('needle_accuracy'), '.0%')} |")
     order = {s: i for i, s in enumerate(setup["selections"])}
@@ -377,7 +376,7 @@ def markdown(data: dict[str, Any], args: argparse.Namespace) -> str:
             "",
             "## The selections alone (full-rank latent)",
             "",
-            f"c = the joint rank, so K_nope/V are exact and the only change from the original is that RoPE is kept on "
+            "c = the joint rank, so K_nope/V are exact and the only change from the original is that RoPE is kept on "
             "r pairs per KV head (the other dims position-free); the cache is then as large as the original's.",
             "",
             "| selection | r | c | ppl |",

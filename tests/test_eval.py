@@ -8,7 +8,6 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 import compresskv
 from compresskv.eval import (
