@@ -63,7 +63,8 @@ def reference_keep(query, keys, n_keep, window, kernel, pooling, scaling):
                 else:
                     pooled[j] = sum(total[t] for t in range(max(lo, 0), min(hi, prefix - 1) + 1)) / kernel
             head_scores += pooled / groups
-        top = sorted(torch.topk(head_scores, n_keep - window).indices.tolist())
+        # Ties (pooling makes plateaus) go to the earlier token.
+        top = sorted(sorted(range(prefix), key=lambda j: (-float(head_scores[j]), j))[: n_keep - window])
         kept.append(top + list(range(prefix, seq_len)))
     return kept
 

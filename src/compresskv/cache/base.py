@@ -120,15 +120,16 @@ class KVLayer(CacheLayerMixin):
             )
         return self.valid[:, 0, :stored]
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep only the stored tokens at ``index`` (``[batch, kv_heads, n]``, ascending)."""
+    def keep(self, index: torch.Tensor, slot_valid: torch.Tensor | None = None) -> None:
+        """Keep only the stored tokens at ``index`` (``[batch, kv_heads, n]``); ``slot_valid``
+        (same shape) marks slots kept only as filler, masked from then on."""
         gather = index[..., None]
         self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1]))
         self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
-        if self.valid is not None:
-            self.valid = self.valid.gather(2, index)
-            if bool(self.valid.all()):
-                self.valid = None
+        valid = self.valid.gather(2, index) if self.valid is not None else None
+        if slot_valid is not None:
+            valid = slot_valid if valid is None else valid & slot_valid
+        self.valid = None if valid is None or bool(valid.all()) else valid
 
     # -- what transformers asks --------------------------------------------------------------
     def stored(self) -> int:

@@ -127,18 +127,41 @@ class EvictionLayer(KVLayer):
         self.policy, self.rank, self.n_full = policy, rank, n_full
 
     def compress(self, call: AttentionCall) -> None:
-        seq_len = self.keys.shape[-2]
-        plan = self.policy.plan(seq_len, self.rank, self.n_full)
-        if plan is None:
+        """Evict per row as if the row were alone: its budget (and PyramidKV's schedule) follows
+        its own number of real tokens, so a batched prompt keeps what it would keep unbatched.
+        Rows that keep fewer tokens than the longest-kept row fill the extra slots with masked
+        tokens (as padding is)."""
+        bsz, n_kv, seq_len, _ = self.keys.shape
+        real = call.pad2d[:, -seq_len:].to(self.keys.device, torch.bool) if call.pad2d is not None else None
+        lengths = real.sum(dim=-1).tolist() if real is not None else [seq_len] * bsz
+        plans: dict[tuple[int, int] | None, list[int]] = {}
+        for row, length in enumerate(lengths):
+            plan = self.policy.plan(int(length), self.rank, self.n_full)
+            plans.setdefault(None if plan is None or plan[0] >= length else plan, []).append(row)
+        if list(plans) == [None]:
             return
-        n_keep, window = plan
-        if n_keep >= seq_len:
-            return
-        scores = self.policy.scores(call.query, self.keys, call.pad2d, window, call.scaling)
-        bsz, n_kv = self.keys.shape[:2]
-        top = scores.topk(n_keep - window, dim=-1).indices.sort(dim=-1).values
-        recent = torch.arange(seq_len - window, seq_len, device=top.device).expand(bsz, n_kv, window)
-        self.keep(torch.cat([top, recent], dim=-1))
+        chosen = torch.zeros(bsz, n_kv, seq_len, dtype=torch.bool, device=self.keys.device)
+        for plan, rows in plans.items():
+            sel = slice(None) if len(rows) == bsz else torch.tensor(rows, device=self.keys.device)
+            if plan is None:  # nothing to evict: every real token stays
+                chosen[sel] = real[sel][:, None, :] if real is not None else True
+                continue
+            n_keep, window = plan
+            pad = call.pad2d[sel] if call.pad2d is not None else None
+            scores = self.policy.scores(call.query[sel], self.keys[sel], pad, window, call.scaling)
+            # A stable sort breaks ties (pooling makes plateaus) by position, on every device and
+            # whatever padding precedes the row: topk would not.
+            top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : n_keep - window]
+            picked = torch.zeros(scores.shape[0], n_kv, seq_len, dtype=torch.bool, device=chosen.device)
+            picked.scatter_(-1, top, True)
+            picked[..., seq_len - window :] = True
+            chosen[sel] = picked
+        slots = int(chosen.sum(dim=-1).max())
+        # Chosen tokens first, in order, then filler (masked): every head of a row has the same
+        # number of valid slots, in front, which flash attention's per-row mask needs.
+        position = torch.arange(seq_len, device=chosen.device)
+        index = torch.sort(position + (~chosen) * seq_len, dim=-1).indices[..., :slots]
+        self.keep(index, chosen.gather(-1, index))
 
 
 class EvictionCache(CompressedCache):

@@ -542,6 +542,13 @@ class _XKVGroup(_Group):
         real = call.pad2d[:, -length:].to(device, torch.bool) if call.pad2d is not None else None
         rank_k, rank_v = cache.group_ranks(len(self.layers), length, n_kv, dim)
         self.rank_k, self.rank_v = rank_k, rank_v
+        # Each row gets the ranks it would get alone (from its own real tokens); the storage has
+        # the largest, and a row's columns beyond its own ranks are zero.
+        row_ranks = None
+        if real is not None:
+            lengths = real.sum(dim=-1).tolist()
+            row_ranks = torch.tensor([cache.group_ranks(len(self.layers), int(n), n_kv, dim) for n in lengths],
+                                     device=device).T  # [2, batch]: r_k, r_v per row
         cos = sin = None
         if cache.keys_mode == "pre_rope":
             pos = call.position_ids
@@ -553,7 +560,7 @@ class _XKVGroup(_Group):
             cos, sin = cache.rope.prefill_table(pos)
             cos, sin = cos[:, None], sin[:, None]
         width = n_kv * dim
-        for kind, rank in (("k", rank_k), ("v", rank_v)):
+        for which, (kind, rank) in enumerate((("k", rank_k), ("v", rank_v))):
             cols = []
             for layer in self.layers:
                 x = (layer.keys if kind == "k" else layer.values).to(device).float()
@@ -566,6 +573,10 @@ class _XKVGroup(_Group):
             latent, factor = truncated_factors(matrix, rank, cache.svd_solver)
             if real is not None:
                 latent = latent * real[..., None]  # padding rows exactly zero (LAPACK leaves ~1e-7)
+            if row_ranks is not None and bool((row_ranks[which] < rank).any()):
+                used = torch.arange(rank, device=device)[None, :] < row_ranks[which][:, None]  # [batch, rank]
+                latent = latent * used[:, None, :]
+                factor = factor * used[:, :, None]
             setattr(self, f"latent_{kind}", latent.to(dtype).contiguous())
             for i, layer in enumerate(self.layers):
                 part = factor[..., i * width : (i + 1) * width]
@@ -1084,11 +1095,15 @@ def slerp_merge(
     return direction, norm_a, norm_b, distance
 
 
-def retention_index(distance: torch.Tensor, gamma: float, real: torch.Tensor | None = None) -> torch.Tensor:
+def retention_index(distance: torch.Tensor, gamma: float, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens kept unmerged: per batch row, those whose angular distance lies in the top ``gamma``
     of the row's observed range (``d ≥ d_max − gamma·(d_max − d_min)``, over KV heads and real
-    tokens). Every (row, head) keeps the same number ``n`` of tokens (the largest count of any
-    row and head), its ``n`` most divergent. Returns ``[batch, heads, n]`` ascending indices."""
+    tokens).
+
+    Storage needs the same number ``n`` of slots in every (row, head): the largest count of any.
+    Returns ``(index, retained)``, both ``[batch, heads, n]``: the ``n`` most divergent tokens in
+    ascending order, and whether each is really retained (``False``: a slot that only fills the
+    count, whose token is read as merged, so a row's result does not depend on its batch)."""
     bsz, n_kv, length = distance.shape
     finite = torch.isfinite(distance)
     hi = distance.masked_fill(~finite, float("-inf")).amax(dim=(1, 2))
@@ -1097,7 +1112,8 @@ def retention_index(distance: torch.Tensor, gamma: float, real: torch.Tensor | N
     above = (distance >= threshold[:, None, None]) & finite
     count = int(above.sum(dim=-1).max()) if above.numel() else 0
     count = max(1, min(count, length))
-    return distance.topk(count, dim=-1).indices.sort(dim=-1).values
+    index = distance.topk(count, dim=-1).indices.sort(dim=-1).values
+    return index, above.gather(-1, index)
 
 
 class _MiniGroup(_Group):
@@ -1125,17 +1141,21 @@ class _MiniGroup(_Group):
             xa = (layer_a.keys if kind == "k" else layer_a.values).float()
             xb = (layer_b.keys if kind == "k" else layer_b.values).to(device).float()
             direction, norm_a, norm_b, distance = slerp_merge(xa, xb, cache.t, real)
-            index = retention_index(distance, cache.gamma, real)
+            index, retained = retention_index(distance, cache.gamma, real)
             gather = index[..., None].expand(-1, -1, -1, xa.shape[-1])
             if real is not None:
                 direction = direction * real[:, None, :, None]
-            setattr(self, f"direction_{kind}", direction.to(dtype).contiguous())
+            direction = direction.to(dtype)
+            setattr(self, f"direction_{kind}", direction.contiguous())
             setattr(self, f"index_{kind}", index.to(index_dtype).contiguous())
             for layer, x, norm in ((layer_a, xa, norm_a), (layer_b, xb, norm_b)):
-                # Magnitudes are zero where the token is retained, so the merged term vanishes there.
+                # A filler slot holds the merged vector, as stored (direction and magnitude in dtype).
+                merged = direction.gather(2, gather).float() * norm.to(dtype).float().gather(2, index)[..., None]
+                kept = torch.where(retained[..., None], x.gather(2, gather), merged)
+                # Magnitudes are zero in the slots, so the merged term vanishes there.
                 home = layer.keys.device
                 setattr(layer, f"magnitude_{kind}", norm.scatter(2, index, 0.0).to(home, dtype).contiguous())
-                setattr(layer, f"retained_{kind}", x.gather(2, gather).to(home, dtype).contiguous())
+                setattr(layer, f"retained_{kind}", kept.to(home, dtype).contiguous())
 
 
 class MiniCacheLayer(_PrefixLayer):
