@@ -118,7 +118,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Reproduce: `python benchmarks/eviction.py` (this run: `{result['command']}`)",
         f"- Date: {result['date']}, run time {result['run_seconds'] / 60:.1f} min",
         f"- Machine: {m['platform']}, {m['processor']}, torch {m['torch']}, transformers "
-        f"{m['transformers']}, {m['threads']} threads, CUDA {'yes' if m['cuda'] else 'no'}",
+        f"{m['transformers']}, {m['threads']} threads, device {m['device']}",
     ]
     if "loadavg_at_start" in m:
         loads = (m["loadavg_at_start"][0], m["loadavg_1_5_15"][0])

@@ -415,7 +415,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Reproduce: `python benchmarks/xkv.py` (this run: `{result['command']}`)",
         f"- Date: {result['date']}, run time {result['run_seconds'] / 60:.1f} min",
         f"- Machine: {m['platform']}, {m['processor']}, {m['cpus']} CPUs, torch {m['torch']}, transformers "
-        f"{m['transformers']}, {m['threads']} threads, CUDA {'yes' if m['cuda'] else 'no'}, load average "
+        f"{m['transformers']}, {m['threads']} threads, device {m['device']}, load average "
         f"{m['loadavg_at_start'][0]:.1f} at start and {m['loadavg_1_5_15'][0]:.1f} at end (1 min)",
         f"- DynamicCache: needle {base['needle_correct']}/{base['needle_total']}, ppl {base['ppl']:.3f}, prefill "
         f"{base['prefill_s']:.1f} s (median), decode {base['decode_tok_s']:.1f} tok/s, "
