@@ -1098,22 +1098,25 @@ def slerp_merge(
 def retention_index(distance: torch.Tensor, gamma: float, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens kept unmerged: per batch row, those whose angular distance lies in the top ``gamma``
     of the row's observed range (``d ≥ d_max − gamma·(d_max − d_min)``, over KV heads and real
-    tokens).
+    tokens). Every head of a row keeps the same number ``n_row`` of tokens, its ``n_row`` most
+    divergent, ``n_row`` being the largest count above the threshold among the row's heads.
 
-    Storage needs the same number ``n`` of slots in every (row, head): the largest count of any.
-    Returns ``(index, retained)``, both ``[batch, heads, n]``: the ``n`` most divergent tokens in
-    ascending order, and whether each is really retained (``False``: a slot that only fills the
-    count, whose token is read as merged, so a row's result does not depend on its batch)."""
+    Storage needs the same number ``n`` (the largest ``n_row``) of slots in every row. Returns
+    ``(index, retained)``, both ``[batch, heads, n]``: the ``n`` most divergent tokens in ascending
+    order, and whether each is retained (``False``: a slot only the batch needs, whose token is
+    read as merged, so that a row's result does not depend on its batch)."""
     bsz, n_kv, length = distance.shape
     finite = torch.isfinite(distance)
     hi = distance.masked_fill(~finite, float("-inf")).amax(dim=(1, 2))
     lo = distance.masked_fill(~finite, float("inf")).amin(dim=(1, 2))
     threshold = hi - gamma * (hi - lo)
     above = (distance >= threshold[:, None, None]) & finite
-    count = int(above.sum(dim=-1).max()) if above.numel() else 0
-    count = max(1, min(count, length))
-    index = distance.topk(count, dim=-1).indices.sort(dim=-1).values
-    return index, above.gather(-1, index)
+    per_row = above.sum(dim=-1).amax(dim=1).clamp_min(1)  # [batch]
+    count = max(1, min(int(per_row.max()) if above.numel() else 0, length))
+    top = distance.topk(count, dim=-1).indices  # most divergent first
+    retained = torch.arange(count, device=distance.device)[None, None, :] < per_row[:, None, None]
+    index, order = top.sort(dim=-1)
+    return index, retained.expand(bsz, n_kv, count).gather(-1, order)
 
 
 class _MiniGroup(_Group):
