@@ -21,49 +21,62 @@ def _names(text: str) -> list[str]:
 
 
 def demo_rows(
-    model: Any, tokenizer: Any, methods: Sequence[str], ratios: Sequence[float], length: int, depth: float, seed: int
+    model: Any, tokenizer: Any, methods: Sequence[str], ratios: Sequence[float], length: int, depth: float, seed: int,
+    calibration: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Answer one needle question with DynamicCache, then with every method at every ratio."""
+    """Answer one needle question with DynamicCache, then with every method at every ratio (a
+    method without a ratio option once, at its defaults). Methods are built as ``compresskv
+    bench`` builds them (:class:`compresskv.eval.methods.MethodBuilder`): the calibrated ones
+    only with a ``calibration`` text."""
     from tqdm.auto import tqdm
 
     from .eval.bench import usable_methods
+    from .eval.methods import MethodBuilder
     from .eval.needle import make_needle_task, run_needle
-    from .patching import make_cache
 
+    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     task = make_needle_task(tokenizer, length=length, depth=depth, seed=seed)
-    usable = usable_methods(model, methods, ratios, log=lambda msg: print(msg, file=sys.stderr))
+    builder = MethodBuilder(model, tokenizer, calibration, ratios, log=say)
+    usable = usable_methods(model, methods, ratios, log=say, builder=builder)
     runs: list[tuple[str, float | None]] = [("dynamic", None)]
-    runs += [(m, r) for m in usable for r in ratios]
+    runs += [(m, r) for m in usable for r in builder.ratios_for(m, ratios)]
     rows = []
     full_bytes = None
-    for method, ratio in tqdm(runs, desc=f"needle @ {task.length} tokens", unit="run"):
-        start = time.perf_counter()
-        cache = None if method == "dynamic" else make_cache(model, method, compression_ratio=ratio)
-        result = run_needle(model, tokenizer, task, cache, max_new_tokens=24)
-        seconds = time.perf_counter() - start
-        if full_bytes is None:
-            full_bytes = result["cache_bytes"]
-        rows.append(
-            {
-                "method": method,
-                "ratio": ratio or 0.0,
-                "cache_bytes": result["cache_bytes"],
-                "bytes_ratio": result["cache_bytes"] / full_bytes,
-                "correct": result["correct"],
-                "answer": result["answer"],
-                "expected": task.answer,
-                "seconds": seconds,
-            }
-        )
+    try:
+        for method, ratio in tqdm(runs, desc=f"needle @ {task.length} tokens", unit="run"):
+            start = time.perf_counter()
+            builder.release()  # e.g. revert the last EliteKV conversion: every run starts from the model as loaded
+            cache = None if ratio is None else builder.build(method, ratio)
+            result = run_needle(model, tokenizer, task, cache, max_new_tokens=24)
+            seconds = time.perf_counter() - start
+            if full_bytes is None:
+                full_bytes = result["cache_bytes"]
+            rows.append(
+                {
+                    "method": method,
+                    "ratio": ratio,
+                    "cache_bytes": result["cache_bytes"],
+                    "bytes_ratio": result["cache_bytes"] / full_bytes,
+                    "correct": result["correct"],
+                    "answer": result["answer"],
+                    "expected": task.answer,
+                    "seconds": seconds,
+                }
+            )
+    finally:
+        builder.release()
     return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    from .eval.methods import ratio_label
+
     header = f"{'method':<14}{'ratio asked':>12}{'cache MiB':>11}{'bytes ratio':>13}{'correct':>9}{'seconds':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
+        asked = "-" if r["ratio"] is None else ratio_label(r["ratio"])
         lines.append(
-            f"{r['method']:<14}{r['ratio']:>12.3f}{r['cache_bytes'] / 2**20:>11.2f}{r['bytes_ratio']:>13.3f}"
+            f"{r['method']:<14}{asked:>12}{r['cache_bytes'] / 2**20:>11.2f}{r['bytes_ratio']:>13.3f}"
             f"{'yes' if r['correct'] else 'no':>9}{r['seconds']:>9.1f}"
         )
     return "\n".join(lines)
@@ -80,7 +93,8 @@ def demo(args: argparse.Namespace) -> int:
         return 2
     model, tokenizer = load_model(args.model, device=args.device)
     print(f"model: {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {args.device}", file=sys.stderr)
-    rows = demo_rows(model, tokenizer, methods, _floats(args.ratios), args.length, args.depth, args.seed)
+    rows = demo_rows(model, tokenizer, methods, _floats(args.ratios), args.length, args.depth, args.seed,
+                     calibration=args.calibration)
     print(format_table(rows))
     print(f"\nneedle: {rows[0]['expected']}; full-cache answer: {rows[0]['answer']!r}")
     return 0
@@ -137,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--length", type=int, default=4096, help="prompt length in tokens (default: 4096)")
     d.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default: 0.5)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--calibration", default=None, help="text the calibrated methods (pca, matryoshka, elitekv) "
+                   "calibrate on, as in `compresskv bench`: a file or hf:NAME; without it they are skipped")
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     d.set_defaults(func=demo)
