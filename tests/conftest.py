@@ -83,6 +83,20 @@ def greedy(model, ids, mask, cache, new_tokens: int = 6):
     return out.sequences, torch.stack(out.logits, dim=1)
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
 def dynamic(model):
     return DynamicCache(config=model.config)
 

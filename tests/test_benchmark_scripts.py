@@ -3,30 +3,21 @@ records it (``machine_info()`` of today, not of the run that made the committed 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from compresskv.eval.machine import machine_info
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("eviction", "xkv", "lowrank", "elitekv")
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_markdown_renders_with_todays_machine_record(name):
-    module = load(name)
+    module = load_benchmark(name)
     result = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
     machine = machine_info()
     result["machine"] = {**machine, "loadavg_at_start": machine["loadavg_1_5_15"]}

@@ -4,31 +4,20 @@ without re-measuring, and evaluates the GPU targets from the numbers it is given
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import compresskv
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_long_context.py"
 RATIOS = (2.0, 4.0, 8.0)
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_long_context", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_script()
+    return load_benchmark("gpu_long_context")
 
 
 @pytest.fixture(scope="module")
