@@ -69,7 +69,7 @@ def one_run(model: Any, tokenizer: Any, task: Any, method: str, ratio: float, ma
         cache = None
     else:
         cache = compresskv.make_cache(model, method, compression_ratio=ratio)
-    row = run_needle(model, tokenizer, task, past_key_values=cache, max_new_tokens=max_new)
+    row = run_needle(model, tokenizer, task, cache, max_new_tokens=max_new)
     row.update(method=method, ratio=ratio, depth=task.depth, tokens=task.length)
     if cache is not None:
         stats = cache.stats()

@@ -8,7 +8,9 @@ Either patch a model so that ``generate()`` uses a compressed cache::
 
 or pass a cache yourself::
 
-    model.generate(**inputs, past_key_values=compresskv.SnapKVCache(model, compression_ratio=0.5))
+    model.generate(**inputs, cache=compresskv.SnapKVCache(model, compression_ratio=0.5))
+
+(``past_key_values=`` instead of ``cache=`` on transformers < 5.24.)
 """
 
 from __future__ import annotations

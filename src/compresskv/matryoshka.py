@@ -16,7 +16,7 @@ Per layer and KV head the method keeps two orthogonal ``head_dim × head_dim`` m
   cost estimate is described in :func:`allocate_ranks`). The ranks are stored with the projections.
 
 All three work on any model whose attention goes through transformers' ``AttentionInterface``
-and whose attention modules call ``past_key_values.update`` (Llama, Mistral, Qwen2, Qwen3, ...):
+and whose attention modules call the cache's ``update`` (Llama, Mistral, Qwen2, Qwen3, ...):
 keys and values are taken, and replaced, at that call, so no model-specific code is needed.
 """
 
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .calibration import Artifact, Texts, calibration_windows, config_hash, model_name
+from . import compat
 
 KIND = "matryoshka_projections"
 _TENSORS = ("U_k", "U_v", "mu_k", "mu_v")
@@ -276,7 +277,7 @@ def kept_fraction(ranks_k: torch.Tensor, ranks_v: torch.Tensor, head_dim: int, l
     return float(kept) / (len(idx) * ranks_k.shape[1] * 2 * head_dim)
 
 
-# -- taps on past_key_values.update ----------------------------------------------------------------
+# -- taps on the cache's update ----------------------------------------------------------------
 class _KVTap(DynamicCache):
     """A cache that stores nothing: each layer's new post-RoPE keys and values go to ``fn``, and
     what ``fn`` returns is what that layer's attention uses. Every call is a fresh forward."""
@@ -292,7 +293,7 @@ class _KVTap(DynamicCache):
 def _forward(model: Any, ids: torch.Tensor, tap: _KVTap | None = None, **kwargs: Any) -> Any:
     if tap is None:
         return model(input_ids=ids, use_cache=False, **kwargs)
-    return model(input_ids=ids, past_key_values=tap, use_cache=True, **kwargs)
+    return model(input_ids=ids, use_cache=True, **compat.cache_kwargs(tap, model.forward), **kwargs)
 
 
 def _position_range(model: Any, position_range: int | None, seq_len: int, who: str) -> int:
@@ -343,7 +344,7 @@ def calibrate(
     would have at those positions. ``position_range=seq_len`` puts every window at position 0.
 
     Args:
-        model: a transformers causal LM (its attention must call ``past_key_values.update``).
+        model: a transformers causal LM (its attention must call the cache's ``update``).
         texts: a string or list of strings (with ``tokenizer=``), or token ids (a tensor or a list
             of lists); long texts are cut into windows of ``seq_len`` tokens.
         method: ``"pca"`` (MatryoshkaKV's initialisation; the only one here).
@@ -392,7 +393,7 @@ def calibrate(
         _forward(model, batch.to(device), tap, logits_to_keep=1, position_ids=pos.to(device))
     if bool((counts == 0).any()):
         raise RuntimeError(
-            "calibrate: some layers never called past_key_values.update, so their keys could not be "
+            "calibrate: some layers never called the cache's update(), so their keys could not be "
             "collected; this model's attention is not supported."
         )
     tensors: dict[str, torch.Tensor] = {}
@@ -825,7 +826,7 @@ def allocate_ranks(
 
                 _probe_state["record"] = record
                 embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                logits = model(inputs_embeds=embeds, past_key_values=_KVTap(model, tap), use_cache=True,
+                logits = model(inputs_embeds=embeds, **compat.cache_kwargs(_KVTap(model, tap), model.forward), use_cache=True,
                                position_ids=positions[start_w : start_w + 1].to(device)).logits
                 _probe_state.pop("record", None)
                 loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from . import attention as _attention
+from . import compat
 
 CacheFactory = Callable[..., Any]
 
@@ -42,6 +45,11 @@ def _factory(method: str) -> CacheFactory:
 
 def make_cache(model: torch.nn.Module, method: str, **options: Any) -> Any:
     """Build the cache of ``method`` for ``model``, checking the option names first."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(
+            "compresskv: model must be a transformers model (e.g. from AutoModelForCausalLM.from_pretrained), "
+            f"got {type(model).__name__} {str(model)[:60]!r}; the method name comes second: patch(model, method, ...)."
+        )
     factory = _factory(method)
     allowed = method_options(method)
     unknown = sorted(set(options) - set(allowed))
@@ -54,14 +62,51 @@ def make_cache(model: torch.nn.Module, method: str, **options: Any) -> Any:
 class _PatchState:
     method: str
     options: dict[str, Any]
+    cache_implementation: Any = None  # the model's generation_config value, restored by unpatch
+
+
+def _generate_setting(self: Any, kwargs: dict[str, Any], name: str) -> Any:
+    """What ``generate(**kwargs)`` will use for ``name``: the call's keyword, else the
+    ``generation_config`` it passes, else the model's."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    config = kwargs.get("generation_config") or getattr(self, "generation_config", None)
+    return getattr(config, name, None)
+
+
+def _patched_generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """``generate`` of a patched model: a fresh cache of the patched method unless the call brings
+    its own, asks for none (``use_cache=False``) or names a transformers ``cache_implementation``.
+    Bound to the model as a method, so ``copy.deepcopy`` rebinds it to the copy."""
+    state: _PatchState = self.__dict__["_compresskv_patch"]
+    original = functools.partial(type(self).generate, self)
+    if compat.get_cache(kwargs) is not None or _generate_setting(self, kwargs, "use_cache") is False:
+        return original(*args, **kwargs)
+    impl = _generate_setting(self, kwargs, "cache_implementation")
+    if impl is not None:
+        warnings.warn(
+            f"compresskv.patch({state.method!r}): generate(cache_implementation={impl!r}) asks for transformers' "
+            "own cache, so this call runs uncompressed; leave cache_implementation unset to use the patch.",
+            stacklevel=2,
+        )
+        return original(*args, **kwargs)
+    compat.set_cache(kwargs, make_cache(self, state.method, **state.options))
+    try:
+        return original(*args, **kwargs)
+    except BaseException:
+        _attention.clear_pending()
+        raise
 
 
 def patch(model: torch.nn.Module, method: str, **options: Any) -> torch.nn.Module:
     """Make ``model.generate`` (and pipelines built on the model) use ``method``'s cache.
 
-    Every ``generate`` call that is not given ``past_key_values`` gets a fresh cache of ``method``
-    built with ``options``; a cache passed explicitly is used as is. The options are checked now
-    (a cache is built once), so a bad budget fails here rather than at generation time. Call
+    Every ``generate`` call that is not given a cache (``cache=``; ``past_key_values=`` on
+    transformers < 5.24) gets a fresh cache of ``method`` built with ``options``; a cache passed
+    explicitly is used as is, ``use_cache=False`` uses none, and a call that names a
+    ``cache_implementation`` gets transformers' cache (with a warning). A ``cache_implementation``
+    in the model's own ``generation_config`` is set aside while patched. The options are checked
+    now (a cache is built once), so a bad budget fails here rather than at generation time. Call
     :func:`unpatch` to restore the model. Returns ``model``.
 
     Example:
@@ -71,20 +116,12 @@ def patch(model: torch.nn.Module, method: str, **options: Any) -> torch.nn.Modul
     make_cache(model, method, **options)
     if "_compresskv_patch" in model.__dict__:
         unpatch(model, keep_attention=True)
-    original = model.generate
-
-    @functools.wraps(original)
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = make_cache(model, method, **options)
-        try:
-            return original(*args, **kwargs)
-        except BaseException:
-            _attention.clear_pending()
-            raise
-
-    model.generate = generate  # type: ignore[method-assign]
-    model._compresskv_patch = _PatchState(method, dict(options))
+    generation_config = getattr(model, "generation_config", None)
+    impl = getattr(generation_config, "cache_implementation", None)
+    if impl is not None:
+        generation_config.cache_implementation = None  # transformers refuses it next to a cache object
+    model.generate = types.MethodType(_patched_generate, model)  # type: ignore[method-assign]
+    model._compresskv_patch = _PatchState(method, dict(options), impl)
     return model
 
 
@@ -92,7 +129,9 @@ def unpatch(model: torch.nn.Module, keep_attention: bool = False) -> torch.nn.Mo
     """Undo :func:`patch` (and the attention switch any compresskv cache made): ``generate`` and
     the attention implementation are the model's own again. Returns ``model``."""
     model.__dict__.pop("generate", None)
-    model.__dict__.pop("_compresskv_patch", None)
+    state = model.__dict__.pop("_compresskv_patch", None)
+    if state is not None and state.cache_implementation is not None:
+        model.generation_config.cache_implementation = state.cache_implementation
     if not keep_attention:
         _attention.uninstall(model)
     return model

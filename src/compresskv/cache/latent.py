@@ -4,7 +4,7 @@ joint K/V latent, nothing else.
 A model converted by :func:`compresskv.elitekv.convert` computes, per layer, ``k_rope``
 (``[batch, kv_heads, T, 2·r]``: the ``r`` chosen RoPE pairs of every KV head, rotated) and the
 latent (``[batch, 1, T, c]``: ``hidden @ W_downᵀ``, shared by the un-rotated key dims and the values
-of all KV heads), and calls ``past_key_values.update(k_rope, latent, layer_idx)``. An
+of all KV heads), and calls ``cache.update(k_rope, latent, layer_idx)``. An
 :class:`EliteKVLayer` appends them, as ``keys`` and ``values``, and returns everything stored; the
 converted attention attends from that (absorbing ``W_up`` into the query side for decoding, see
 :mod:`compresskv.elitekv`). Nothing is evicted, so transformers' own causal/padding mask is exactly
@@ -227,7 +227,7 @@ class EliteKVCache(CompressedCache):
     ``use_cache=True``; pass one explicitly to reuse or inspect it::
 
         cache = compresskv.EliteKVCache(model)
-        model.generate(**inputs, past_key_values=cache)
+        model.generate(**inputs, cache=cache)  # past_key_values=cache on transformers < 5.24
         cache.nbytes()  # == batch · T · L · (kv_dim + 2·rope_pairs·H_kv) · element_size
 
     ``model`` is the converted model (a ``...ForCausalLM`` or its base model).

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import compat
 from ..cache.latent import EliteKVCache, fused_sdpa_ok
 from .ranking import SELECTIONS, FrequencyRanking, input_moments, select_pairs
 from .support import attention_modules, check_supported, decoder_layers, is_converted, model_dims, text_config
@@ -315,9 +316,9 @@ class EliteKVAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: Any = None,
-        past_key_values: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = compat.pop_cache(kwargs)  # `cache=` from transformers 5.24, `past_key_values=` before
         bsz, q_len, _ = hidden_states.shape
         d, r2 = self.head_dim, 2 * self.rope_pairs
         query = self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, d).transpose(1, 2)
@@ -333,9 +334,9 @@ class EliteKVAttention(nn.Module):
             k_rope = k_rope * ck + _rotate_half(k_rope) * sk
             q_rope = query[..., :r2]
             query = torch.cat([q_rope * cq + _rotate_half(q_rope) * sq, query[..., r2:]], dim=-1)
-        if past_key_values is not None:
-            _check_cache(past_key_values)
-            k_rope, latent = past_key_values.update(k_rope, latent, self.layer_idx)
+        if cache is not None:
+            _check_cache(cache)
+            k_rope, latent = cache.update(k_rope, latent, self.layer_idx)
         mode = self.choose_mode(q_len, latent.shape[-2])
         if mode == "absorb" and not self._returns_weights():
             out, weights = self._absorbed_sdpa(query, k_rope, latent, attention_mask)
@@ -490,23 +491,23 @@ class _EliteKVModelMixin:
                 layer.self_attn = EliteKVAttention(text_config(self), i, spec)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("past_key_values") is None and len(args) < 4:
+        if compat.get_cache(kwargs) is None and len(args) < 4:
             use_cache = kwargs.get("use_cache")
             if use_cache is None:
                 use_cache = bool(getattr(self.config, "use_cache", False)) and not self.training  # type: ignore[attr-defined]
             if use_cache:
-                kwargs["past_key_values"] = EliteKVCache(self)  # type: ignore[arg-type]
+                compat.set_cache(kwargs, EliteKVCache(self), super().forward)  # type: ignore[arg-type, misc]
         return super().forward(*args, **kwargs)  # type: ignore[misc]
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+        if compat.get_cache(model_kwargs) is None and generation_config.use_cache is not False:
             impl = generation_config.cache_implementation
             if impl not in (None, "dynamic"):
                 raise ValueError(
                     f"compresskv.elitekv: cache_implementation={impl!r} cannot hold an EliteKV latent; leave it unset "
                     "(the converted model uses compresskv.EliteKVCache)."
                 )
-            model_kwargs["past_key_values"] = EliteKVCache(self)  # type: ignore[arg-type]
+            compat.set_cache(model_kwargs, EliteKVCache(self))  # type: ignore[arg-type]
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)  # type: ignore[misc]
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .needle import dynamic_cache_nbytes
+from .. import compat
 
 
 def cache_nbytes(cache: Any) -> int:
@@ -154,9 +155,9 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 @torch.inference_mode()
-def run_task(model: Any, tokenizer: Any, task: Any, past_key_values: Any = None, max_new_tokens: int | None = None) -> dict[str, Any]:
+def run_task(model: Any, tokenizer: Any, task: Any, cache: Any = None, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Answer ``task`` (a :class:`~compresskv.eval.tasks.Task` or :class:`~compresskv.eval.NeedleTask`)
-    greedily with ``past_key_values`` (``None``: a fresh ``DynamicCache``) and measure the run.
+    greedily with ``cache`` (``None``: a fresh ``DynamicCache``) and measure the run.
 
     Decoding always runs ``max_new_tokens`` steps (default: the task's), so decode speed is taken
     over the same number of steps for every cache; the answer is cut at the first end-of-turn
@@ -170,11 +171,11 @@ def run_task(model: Any, tokenizer: Any, task: Any, past_key_values: Any = None,
     steps = int(max_new_tokens or getattr(task, "max_new_tokens", 16))
     ids = task.input_ids.to(device)
     mem = PeakMemory(device).start()
-    cache = past_key_values if past_key_values is not None else DynamicCache(config=model.config)
+    cache = cache if cache is not None else DynamicCache(config=model.config)
     with mem.phase() as prefill_mem:
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **compat.cache_kwargs(cache, model.forward))
         token = out.logits[:, -1:].argmax(-1)
         _sync(device)
         prefill = time.perf_counter() - start
@@ -185,7 +186,7 @@ def run_task(model: Any, tokenizer: Any, task: Any, past_key_values: Any = None,
         _sync(device)
         start = time.perf_counter()
         for _ in range(steps - 1):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **compat.cache_kwargs(cache, model.forward))
             token = out.logits[:, -1:].argmax(-1)
             generated.append(token)
         _sync(device)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from .. import compat
 
 NOISE = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -81,16 +82,16 @@ def make_needle_task(
 
 @torch.no_grad()
 def run_needle(
-    model: Any, tokenizer: Any, task: NeedleTask, past_key_values: Any = None, max_new_tokens: int = 16
+    model: Any, tokenizer: Any, task: NeedleTask, cache: Any = None, max_new_tokens: int = 16
 ) -> dict[str, Any]:
-    """Answer ``task`` greedily with ``past_key_values`` (``None``: DynamicCache). Returns the
+    """Answer ``task`` greedily with ``cache`` (``None``: DynamicCache). Returns the
     answer text, correctness, prefill seconds, decode tokens/s and the cache's measured bytes."""
     from transformers import DynamicCache
 
-    cache = past_key_values if past_key_values is not None else DynamicCache(config=model.config)
+    cache = cache if cache is not None else DynamicCache(config=model.config)
     ids = task.input_ids.to(model.device)
     start = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, **compat.cache_kwargs(cache, model.forward))
     prefill = time.perf_counter() - start
     token = out.logits[:, -1:].argmax(-1)
     generated = [token]
@@ -99,7 +100,7 @@ def run_needle(
     for _ in range(max_new_tokens - 1):
         if eos is not None and int(token) == eos:
             break
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **compat.cache_kwargs(cache, model.forward))
         token = out.logits[:, -1:].argmax(-1)
         generated.append(token)
     decode = time.perf_counter() - start

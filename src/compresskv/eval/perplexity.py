@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .measure import PeakMemory, _sync, cache_nbytes
+from .. import compat
 
 
 def load_text(source: str | Path, min_chars: int = 0) -> str:
@@ -108,21 +109,21 @@ def make_perplexity_task(
 
 
 @torch.inference_mode()
-def run_perplexity(model: Any, task: PerplexityTask, past_key_values: Any = None, chunk_size: int = 128) -> dict[str, Any]:
-    """Prefill ``task.prefix`` into ``past_key_values`` (``None``: ``DynamicCache``), then score
+def run_perplexity(model: Any, task: PerplexityTask, cache: Any = None, chunk_size: int = 128) -> dict[str, Any]:
+    """Prefill ``task.prefix`` into ``cache`` (``None``: ``DynamicCache``), then score
     the continuation fed ``chunk_size`` tokens at a time. Returns ``ppl``, ``nll`` (mean, nats),
     ``prefill_s``, ``decode_tok_s`` (continuation tokens per second), ``cache_bytes_prefill``,
     ``cache_bytes``, ``peak_prefill_bytes``, ``peak_decode_bytes`` and ``tokens``."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    cache = past_key_values if past_key_values is not None else DynamicCache(config=model.config)
+    cache = cache if cache is not None else DynamicCache(config=model.config)
     prefix, cont = task.prefix.to(device), task.continuation.to(device)
     mem = PeakMemory(device).start()
     with mem.phase() as prefill_mem:
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=prefix, use_cache=True, logits_to_keep=1, **compat.cache_kwargs(cache, model.forward))
         _sync(device)
         prefill = time.perf_counter() - start
     last = out.logits[:, -1].float()
@@ -136,7 +137,7 @@ def run_perplexity(model: Any, task: PerplexityTask, past_key_values: Any = None
         feed = cont[:, :-1]  # the last token predicts nothing we score
         for i in range(0, feed.shape[-1], chunk_size):
             piece = feed[:, i : i + chunk_size]
-            logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float()
+            logits = model(input_ids=piece, use_cache=True, **compat.cache_kwargs(cache, model.forward)).logits.float()
             targets = cont[:, i + 1 : i + 1 + piece.shape[-1]]
             nll = nll + F.cross_entropy(logits[0], targets[0], reduction="sum")
         _sync(device)
