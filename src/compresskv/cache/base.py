@@ -44,6 +44,9 @@ class KVLayer(CacheLayerMixin):
         self.seen = 0
         self.stored_before = 0
         self.prefilled = False
+        # The prompt is every multi-token forward before the first single-token one (chunked
+        # prefill sends it in pieces); from that first single-token step on, the layer decodes.
+        self.decoding = False
         self.expected: tuple[int, int, int] | None = None  # (num_layers, kv_heads, head_dim)
 
     # -- storage ---------------------------------------------------------------------------
@@ -95,10 +98,20 @@ class KVLayer(CacheLayerMixin):
         if not self.prefilled:
             self.prefilled = True
             self.compress(call)
+        elif not self.decoding:
+            if q_len == 1:
+                self.decoding = True
+            else:
+                self.compress_chunk(call)
 
     def compress(self, call: AttentionCall) -> None:
         """Compress what the prefill stored (runs once, right after prefill attention). The base
         layer keeps everything."""
+
+    def compress_chunk(self, call: AttentionCall) -> None:
+        """Compress again after a further piece of a chunked prompt (``generate(prefill_chunk_size=...)``:
+        another multi-token forward before any single-token step). The base layer keeps everything,
+        which is right for layers that compress every token as it is stored."""
 
     def check_model(self, module: torch.nn.Module) -> None:
         if self.expected is not None:
@@ -155,7 +168,7 @@ class KVLayer(CacheLayerMixin):
         self.keys = self.values = self.valid = None
         self.is_initialized = False
         self.seen = self.stored_before = 0
-        self.prefilled = False
+        self.prefilled = self.decoding = False
 
     def crop(self, tokens_to_remove: int) -> None:
         raise RuntimeError(
