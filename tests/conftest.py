@@ -15,6 +15,8 @@ from transformers import (
     Qwen3Config,
 )
 
+from compresskv import compat
+
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 ATTENTIONS = ("eager", "sdpa")
 VOCAB = 96
@@ -45,6 +47,12 @@ def tiny_config(family: str = "llama", layers: int = 4, kv_heads: int = 2, heads
     raise ValueError(family)
 
 
+def kv(cache):
+    """``{"cache": cache}`` on transformers >= 5.24, ``{"past_key_values": cache}`` before: pass as
+    ``model.generate(..., **kv(cache))`` or ``model(..., **kv(cache))``."""
+    return compat.cache_kwargs(cache)
+
+
 def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0, **kwargs):
     torch.manual_seed(seed)
     config = tiny_config(family, **kwargs)
@@ -72,7 +80,7 @@ def greedy(model, ids, mask, cache, new_tokens: int = 6):
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
-        past_key_values=cache,
+        **kv(cache),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
