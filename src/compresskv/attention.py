@@ -234,12 +234,23 @@ def _make_attention(base: str) -> Callable[..., Any]:
     return attention
 
 
+def note_mask_for_compressed_cache() -> None:
+    """Called by a compresskv cache when transformers sizes a mask from it: the mask function
+    that follows hands compresskv's attention a :class:`MaskBundle`."""
+    _pending.bundle = True
+
+
 def _make_mask(base: str) -> Callable[..., Any]:
-    def mask_function(**kwargs: Any) -> MaskBundle:
+    def mask_function(**kwargs: Any) -> Any:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-        pad2d = kwargs.get("attention_mask")
-        return MaskBundle(ALL_MASK_ATTENTION_FUNCTIONS[base], kwargs, pad2d)
+        fn = ALL_MASK_ATTENTION_FUNCTIONS[base]
+        if not getattr(_pending, "bundle", False):
+            # No compresskv cache in this forward (a StaticCache, say, whose mask generate() builds
+            # ahead and the model then takes as is): transformers' own mask, a plain tensor.
+            return fn(**kwargs)
+        _pending.bundle = False
+        return MaskBundle(fn, kwargs, kwargs.get("attention_mask"))
 
     mask_function.__name__ = f"{PREFIX}{base}_mask"
     return mask_function

@@ -277,6 +277,10 @@ class CompressedCache(Cache):
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def get_mask_sizes(self, *args: Any, **kwargs: Any) -> Any:
+        _attention.note_mask_for_compressed_cache()
+        return super().get_mask_sizes(*args, **kwargs)
+
     @property
     def is_croppable(self) -> bool:
         """Compressed layers cannot roll back (also defined for transformers < 5.16)."""
