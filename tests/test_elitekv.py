@@ -9,7 +9,8 @@ import torch
 
 import compresskv
 from compresskv import elitekv
-from conftest import ATTENTIONS, batch_inputs, dynamic, greedy, tiny_model
+from compresskv.compat import output_cache
+from conftest import ATTENTIONS, batch_inputs, dynamic, greedy, tiny_model, kv
 
 FAMILIES = ("llama", "qwen2", "mistral")
 
@@ -58,7 +59,7 @@ def test_all_pairs_full_rank_matches_original(family, attn, batch):
         out = model(input_ids=ids, attention_mask=mask)
     real = mask.bool()
     assert (out.logits - ref_forward)[real].abs().max().item() <= 1e-4
-    assert isinstance(out.past_key_values, compresskv.EliteKVCache)
+    assert isinstance(output_cache(out), compresskv.EliteKVCache)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -141,10 +142,10 @@ def test_converted_model_builds_its_cache_and_accepts_dynamic_cache():
     ids, mask = batch_inputs(3)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
                          return_dict_in_generate=True, pad_token_id=0)
-    assert isinstance(out.past_key_values, compresskv.EliteKVCache)
+    assert isinstance(output_cache(out), compresskv.EliteKVCache)
     with torch.no_grad():
-        assert isinstance(model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values, compresskv.EliteKVCache)
-        assert model(input_ids=ids, attention_mask=mask, use_cache=False).past_key_values is None
+        assert isinstance(output_cache(model(input_ids=ids, attention_mask=mask, use_cache=True)), compresskv.EliteKVCache)
+        assert output_cache(model(input_ids=ids, attention_mask=mask, use_cache=False)) is None
     a = greedy(model, ids, mask, None)
     b = greedy(model, ids, mask, dynamic(model))  # a DynamicCache stores the same two tensors
     assert torch.equal(a[0], b[0]) and (a[1] - b[1]).abs().max().item() == 0.0
@@ -286,7 +287,7 @@ def test_patch_ranks_converts_and_wires_the_cache():
     assert (spec["rope_pairs"], spec["kv_dim"], spec["selection"], spec["svd"]) == (2, 24, "ropelite", "activation")
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
                          return_dict_in_generate=True, pad_token_id=0)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, compresskv.EliteKVCache) and cache.stats().ratio == pytest.approx(0.5)
     compresskv.unpatch(model)  # does not un-convert
     assert elitekv.is_converted(model)
@@ -389,17 +390,17 @@ def test_embedded_model_exact_at_full_size_and_patch_at_half():
     model, tokenizer = compresskv.load_model()
     task = make_needle_task(tokenizer, length=160, seed=2)
     kwargs = dict(input_ids=task.input_ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    ref = model.generate(past_key_values=dynamic(model), **kwargs)
+    ref = model.generate(**kv(dynamic(model)), **kwargs)
     original = copy.deepcopy(model)
     elitekv.convert(model, rope_pairs=32, kv_dim=192, selection="uniform", progress=False)
     out = model.generate(**kwargs)
     assert torch.equal(out.sequences, ref.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) <= 1e-4
-    assert out.past_key_values.stats().ratio == pytest.approx(1.0)
+    assert output_cache(out).stats().ratio == pytest.approx(1.0)
     text = tokenizer.decode(make_needle_task(tokenizer, length=600, seed=5).input_ids[0])
     compresskv.patch(original, "elitekv", cache_ratio=0.5, calibration_texts=text, tokenizer=tokenizer, seq_len=256,
                      num_windows=2, progress=False)
     half = original.generate(**kwargs)
-    assert half.past_key_values.stats().ratio == pytest.approx(0.5)
-    assert half.past_key_values.nbytes() == (task.length + 5) * 30 * 192 * 4  # c + 2·r·H_kv = 192 of 384
+    assert output_cache(half).stats().ratio == pytest.approx(0.5)
+    assert output_cache(half).nbytes() == (task.length + 5) * 30 * 192 * 4  # c + 2·r·H_kv = 192 of 384
     compresskv.unpatch(original)

@@ -8,6 +8,7 @@ from transformers import DynamicCache, pipeline
 
 import compresskv
 from compresskv.eval import make_needle_task, run_needle
+from conftest import kv
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +31,9 @@ def test_no_eviction_matches_dynamic_cache_on_real_weights(smol):
     task = make_needle_task(tokenizer, length=300, seed=3)
     ids = task.input_ids
     kwargs = dict(input_ids=ids, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    ref = model.generate(past_key_values=DynamicCache(config=model.config), **kwargs)
+    ref = model.generate(**kv(DynamicCache(config=model.config)), **kwargs)
     for method in ("snapkv", "pyramidkv", "streamingllm"):
-        out = model.generate(past_key_values=compresskv.make_cache(model, method, compression_ratio=0.0), **kwargs)
+        out = model.generate(**kv(compresskv.make_cache(model, method, compression_ratio=0.0)), **kwargs)
         assert torch.equal(out.sequences, ref.sequences), method
         diff = max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits))
         assert diff <= 1e-4, method
@@ -65,7 +66,7 @@ def test_pipeline_built_on_a_patched_model_uses_the_method(smol, monkeypatch):
     compresskv.unpatch(model)
     ids = tokenizer(text, return_tensors="pt")
     explicit = model.generate(**ids, max_new_tokens=8, do_sample=False,
-                              past_key_values=compresskv.PyramidKVCache(model, budget=64, window_size=8))
+                              **kv(compresskv.PyramidKVCache(model, budget=64, window_size=8)))
     assert out == tokenizer.decode(explicit[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     compresskv.unpatch(model)
 

@@ -11,7 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import compresskv
 from compresskv.cache.eviction import pyramid_budgets
-from conftest import batch_inputs, dynamic, tiny_model
+from conftest import batch_inputs, dynamic, tiny_model, kv
 
 RECORDED: dict[int, torch.Tensor] = {}
 
@@ -31,7 +31,7 @@ def prefill_reference(model, ids):
     cache = dynamic(model)
     RECORDED.clear()
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **kv(cache), use_cache=True)
     model.set_attn_implementation(original)
     return [layer.keys for layer in cache.layers], dict(RECORDED)
 
@@ -87,7 +87,7 @@ def test_kept_indices_match_reference(method, pooling):
     budget, window, kernel = 16, 4, 5
     cache = compresskv.make_cache(model, method, budget=budget, window_size=window, kernel_size=kernel, pooling=pooling)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **kv(cache), use_cache=True)
     budgets = pyramid_budgets(40, budget, window, 3) if method == "pyramidkv" else [budget] * 3
     scaling = model.config.head_dim**-0.5 if hasattr(model.config, "head_dim") else 16**-0.5
     for idx, layer in enumerate(cache.layers):
@@ -127,9 +127,9 @@ def test_decode_equals_full_attention_with_evicted_tokens_hidden(method, options
     full_keys, _ = prefill_reference(model, ids)
     cache = compresskv.make_cache(model, method, **options)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **kv(cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        decoded = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        decoded = model(input_ids=token, **kv(cache), use_cache=True).logits[:, -1]
     allowed = {}
     for idx, layer in enumerate(cache.layers):
         assert layer.keys.shape[-2] < 37  # something was evicted in every layer
@@ -149,10 +149,10 @@ def test_streamingllm_keeps_sinks_and_recent_per_row():
     ids, mask = batch_inputs(2, length=30)  # row 1 has 7 padding tokens
     full = dynamic(model)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=full, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, **kv(full), use_cache=True)
     cache = compresskv.StreamingLLMCache(model, sink=3, window=5)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, **kv(cache), use_cache=True)
     for layer, ref in zip(cache.layers, full.layers):
         for row, first in ((0, 0), (1, 7)):
             expected = list(range(first, first + 3)) + list(range(25, 30))
@@ -166,7 +166,7 @@ def test_padding_is_never_kept_when_real_tokens_suffice():
     ids, mask = batch_inputs(3, length=40)  # rows padded by 0, 7, 14
     cache = compresskv.SnapKVCache(model, budget=20, window_size=4)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, **kv(cache), use_cache=True)
     for layer in cache.layers:
         assert layer.keys.shape[-2] == 20
         assert layer.valid is None
@@ -177,7 +177,7 @@ def test_padding_kept_when_a_row_is_shorter_than_the_budget_is_masked():
     ids, mask = batch_inputs(3, length=40)
     cache = compresskv.SnapKVCache(model, budget=30, window_size=4)  # row 2 has 26 real tokens
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, **kv(cache), use_cache=True)
     for layer in cache.layers:
         assert layer.valid is not None
         assert layer.valid[0].all() and layer.valid[1].all()
@@ -230,7 +230,7 @@ def test_pyramid_cache_follows_its_budgets():
     ids, _ = batch_inputs(1, length=120)
     cache = compresskv.PyramidKVCache(model, budget=24, window_size=4)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **kv(cache), use_cache=True)
     assert cache.stats().tokens_stored == pyramid_budgets(120, 24, 4, 6)
     assert cache.stats().tokens_seen == 120
 
@@ -244,7 +244,7 @@ def test_nbytes_is_the_kept_tokens_and_drops_by_the_ratio(method, ratio):
     options = dict(compression_ratio=ratio) if method == "streamingllm" else dict(compression_ratio=ratio, window_size=4)
     cache = compresskv.make_cache(model, method, **options)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **kv(cache), use_cache=True)
     kept = sum(layer.keys.shape[-2] for layer in cache.layers)
     per_token = 2 * model.config.num_key_value_heads * 16 * 4  # K and V, head_dim 16, fp32
     assert cache.nbytes() == kept * per_token
@@ -252,6 +252,6 @@ def test_nbytes_is_the_kept_tokens_and_drops_by_the_ratio(method, ratio):
     assert abs(cache.stats().ratio - (1 - ratio)) <= 1.5 / 128 + (0.02 if method == "pyramidkv" else 0)
     full = dynamic(model)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=full, use_cache=True)
+        model(input_ids=ids, **kv(full), use_cache=True)
     dyn_bytes = sum(t.numel() * t.element_size() for layer in full.layers for t in (layer.keys, layer.values))
     assert cache.uncompressed_nbytes() == dyn_bytes

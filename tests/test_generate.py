@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import compresskv
-from conftest import batch_inputs, dynamic, greedy, tiny_model
+from conftest import batch_inputs, dynamic, greedy, tiny_model, kv
 
 
 def test_sampling_matches_dynamic_cache_without_eviction():
@@ -15,7 +15,7 @@ def test_sampling_matches_dynamic_cache_without_eviction():
     outs = []
     for cache in (dynamic(model), compresskv.PyramidKVCache(model, budget=64, window_size=8)):
         torch.manual_seed(123)
-        outs.append(model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=True,
+        outs.append(model.generate(input_ids=ids, attention_mask=mask, **kv(cache), do_sample=True,
                                    top_k=20, max_new_tokens=8, pad_token_id=0))
     assert torch.equal(outs[0], outs[1])
 
@@ -25,8 +25,8 @@ def test_beam_search_matches_dynamic_cache_without_eviction(attn):
     model = tiny_model("qwen3", attn)
     ids, mask = batch_inputs(2)
     kwargs = dict(input_ids=ids, attention_mask=mask, num_beams=3, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    ref = model.generate(past_key_values=dynamic(model), **kwargs)
-    out = model.generate(past_key_values=compresskv.SnapKVCache(model, budget=64, window_size=8), **kwargs)
+    ref = model.generate(**kv(dynamic(model)), **kwargs)
+    out = model.generate(**kv(compresskv.SnapKVCache(model, budget=64, window_size=8)), **kwargs)
     assert torch.equal(ref, out)
 
 
@@ -35,12 +35,12 @@ def test_beam_search_and_sampling_run_with_eviction(attn):
     model = tiny_model("llama", attn)
     ids, mask = batch_inputs(2, length=60)
     cache = compresskv.PyramidKVCache(model, budget=20, window_size=4)
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, num_beams=3,
+    out = model.generate(input_ids=ids, attention_mask=mask, **kv(cache), num_beams=3,
                          max_new_tokens=5, min_new_tokens=5, pad_token_id=0)
     assert out.shape == (2, 65)
     assert cache.stats().tokens_seen == 64  # the last token is never fed back
     sampled = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=5,
-                             past_key_values=compresskv.StreamingLLMCache(model, compression_ratio=0.5),
+                             **kv(compresskv.StreamingLLMCache(model, compression_ratio=0.5)),
                              pad_token_id=0)
     assert sampled.shape[1] == 65
 
@@ -50,22 +50,22 @@ def test_multi_turn_continuation_of_the_same_cache():
     ids, mask = batch_inputs(1, length=40)
     ref_cache = dynamic(model)
     cache = compresskv.SnapKVCache(model, budget=64, window_size=8)
-    first_ref = model.generate(input_ids=ids, past_key_values=ref_cache, max_new_tokens=4, do_sample=False)
-    first = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    first_ref = model.generate(input_ids=ids, **kv(ref_cache), max_new_tokens=4, do_sample=False)
+    first = model.generate(input_ids=ids, **kv(cache), max_new_tokens=4, do_sample=False)
     assert torch.equal(first_ref, first)
     follow = torch.randint(3, 90, (1, 10), generator=torch.Generator().manual_seed(5))
-    second_ref = model.generate(input_ids=torch.cat([first_ref, follow], -1), past_key_values=ref_cache,
+    second_ref = model.generate(input_ids=torch.cat([first_ref, follow], -1), **kv(ref_cache),
                                 max_new_tokens=4, do_sample=False)
-    second = model.generate(input_ids=torch.cat([first, follow], -1), past_key_values=cache,
+    second = model.generate(input_ids=torch.cat([first, follow], -1), **kv(cache),
                             max_new_tokens=4, do_sample=False)
     assert torch.equal(second_ref, second)
     assert cache.get_seq_length() == ref_cache.get_seq_length()
 
     # With eviction the second turn is appended to the evicted first turn and keeps working.
     evicting = compresskv.PyramidKVCache(model, budget=16, window_size=4)
-    first = model.generate(input_ids=ids, past_key_values=evicting, max_new_tokens=4, do_sample=False)
+    first = model.generate(input_ids=ids, **kv(evicting), max_new_tokens=4, do_sample=False)
     stored_after_first = list(evicting.stats().tokens_stored)
-    second = model.generate(input_ids=torch.cat([first, follow], -1), past_key_values=evicting,
+    second = model.generate(input_ids=torch.cat([first, follow], -1), **kv(evicting),
                             max_new_tokens=4, do_sample=False)
     assert second.shape[1] == first.shape[1] + 14
     # 11 new prompt tokens (the last answer token was never fed back) + 3 decoded

@@ -31,7 +31,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import compresskv
 from compresskv import elitekv
-from conftest import VOCAB, batch_inputs, tiny_model
+from conftest import VOCAB, batch_inputs, tiny_model, kv
 
 pytestmark = pytest.mark.gpu
 
@@ -153,7 +153,7 @@ def run(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: An
     """Greedy (or forced) generate: ``(new tokens [batch, n], logits [batch, n, vocab] in fp32)``."""
     processors = LogitsProcessorList([ForceTokens(force, ids.shape[1])]) if force is not None else None
     out = model.generate(
-        input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens,
+        input_ids=ids, attention_mask=mask, **kv(cache), max_new_tokens=new_tokens,
         min_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True,
         pad_token_id=0, logits_processor=processors,
     )

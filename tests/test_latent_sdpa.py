@@ -22,7 +22,7 @@ from compresskv import elitekv
 from compresskv.cache import latent as latent_mod
 from compresskv.cache.projected import ProjectedLayer
 from compresskv.elitekv import jlrd
-from conftest import VOCAB, batch_inputs, dynamic, greedy, tiny_model
+from conftest import VOCAB, batch_inputs, dynamic, greedy, tiny_model, kv
 
 
 @pytest.fixture(autouse=True)
@@ -73,11 +73,11 @@ def chunked_run(model: torch.nn.Module, cache: Any, ids: torch.Tensor, mask: tor
     bounds = (0, *cuts, ids.shape[1])
     with torch.no_grad():
         for a, b in zip(bounds[:-1], bounds[1:]):
-            out = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], **kv(cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(4):
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, attention_mask=mask, **kv(cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
     return out.logits
 

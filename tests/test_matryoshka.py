@@ -7,7 +7,7 @@ import torch
 
 import compresskv
 from compresskv.matryoshka import Projections, cayley, kept_fraction
-from conftest import VOCAB, batch_inputs, dynamic, greedy, tiny_model
+from conftest import VOCAB, batch_inputs, dynamic, greedy, tiny_model, kv
 
 MODES = ("projected", "reconstruct")
 CONFIGS = {
@@ -81,9 +81,9 @@ def test_stored_latents_are_the_projections_of_the_keys_and_values():
     mask[:] = 1
     rk, rv = uneven_ranks(p, seed=3)
     ref = dynamic(model)
-    model(input_ids=ids, attention_mask=mask, past_key_values=ref, use_cache=True)
+    model(input_ids=ids, attention_mask=mask, **kv(ref), use_cache=True)
     cache = compresskv.MatryoshkaKVCache(model, p, ranks=(rk, rv))
-    model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, attention_mask=mask, **kv(cache), use_cache=True)
     for layer_idx, layer in enumerate(cache.layers):
         for name, ranks, latent, groups in (("k", rk, layer.k_latent, layer.factors.k_groups),
                                             ("v", rv, layer.v_latent, layer.factors.v_groups)):
@@ -102,14 +102,14 @@ def test_load_prefill_equals_prefilling_through_the_cache():
     ids, _ = batch_inputs(1)
     prompt, rest = ids[:, :40], ids[:, 40:]
     dyn = dynamic(model)
-    model(input_ids=prompt, past_key_values=dyn, use_cache=True)
+    model(input_ids=prompt, **kv(dyn), use_cache=True)
     for mode in MODES:
         direct = compresskv.MatryoshkaKVCache(model, p, ranks=uneven_ranks(p), mode=mode)
-        model(input_ids=prompt, past_key_values=direct, use_cache=True)
+        model(input_ids=prompt, **kv(direct), use_cache=True)
         loaded = compresskv.MatryoshkaKVCache(model, p, ranks=uneven_ranks(p), mode=mode).load_prefill(dyn)
         assert loaded.nbytes() == direct.nbytes() and loaded.get_seq_length() == 40
-        a = model(input_ids=rest, past_key_values=direct, use_cache=True).logits
-        b = model(input_ids=rest, past_key_values=loaded, use_cache=True).logits
+        a = model(input_ids=rest, **kv(direct), use_cache=True).logits
+        b = model(input_ids=rest, **kv(loaded), use_cache=True).logits
         assert (a - b).abs().max().item() <= 1e-5
     assert dyn.get_seq_length() == 40  # the source is untouched
     with pytest.raises(ValueError, match="fresh cache"):
@@ -142,11 +142,11 @@ def test_low_rank_matches_an_independent_reconstruction(sink_tokens, mode):
     prompt, rest = ids[:, :40], ids[:, 40:]
     rk, rv = uneven_ranks(p, seed=5)
     dyn = dynamic(model)
-    model(input_ids=prompt, past_key_values=dyn, use_cache=True)
-    ref = model(input_ids=rest, past_key_values=_simulated(model, p, dyn, rk, rv, sink_tokens), use_cache=True).logits
+    model(input_ids=prompt, **kv(dyn), use_cache=True)
+    ref = model(input_ids=rest, **kv(_simulated(model, p, dyn, rk, rv, sink_tokens)), use_cache=True).logits
     cache = compresskv.MatryoshkaKVCache(model, p, ranks=(rk, rv), mode=mode, sink_tokens=sink_tokens)
-    model(input_ids=prompt, past_key_values=cache, use_cache=True)
-    logits = model(input_ids=rest, past_key_values=cache, use_cache=True).logits
+    model(input_ids=prompt, **kv(cache), use_cache=True)
+    logits = model(input_ids=rest, **kv(cache), use_cache=True).logits
     assert (logits - ref).abs().max().item() <= 1e-4
 
 
@@ -167,8 +167,8 @@ def test_beam_search_at_full_rank_matches_dynamic_cache():
     model, p = model_and_projections()
     ids, mask = batch_inputs(2)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
-    ref = model.generate(past_key_values=dynamic(model), **kwargs)
-    out = model.generate(past_key_values=compresskv.MatryoshkaKVCache(model, p, budget=1.0), **kwargs)
+    ref = model.generate(**kv(dynamic(model)), **kwargs)
+    out = model.generate(**kv(compresskv.MatryoshkaKVCache(model, p, budget=1.0)), **kwargs)
     assert torch.equal(out, ref)
 
 
@@ -416,13 +416,13 @@ def test_embedded_model_full_rank_exact_and_half_budget_halves_the_cache():
     p = compresskv.calibrate(model, task.input_ids[:, :512], seq_len=512, progress=False)
     ids = task.input_ids[:, :300]
     kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    ref = model.generate(past_key_values=dynamic(model), **kwargs)
+    ref = model.generate(**kv(dynamic(model)), **kwargs)
     for mode in MODES:
-        out = model.generate(past_key_values=compresskv.MatryoshkaKVCache(model, p, budget=1.0, mode=mode), **kwargs)
+        out = model.generate(**kv(compresskv.MatryoshkaKVCache(model, p, budget=1.0, mode=mode)), **kwargs)
         assert torch.equal(out.sequences, ref.sequences), mode
         assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) <= 1e-4, mode
     cache = compresskv.MatryoshkaKVCache(model, p, budget=0.5)
-    model.generate(past_key_values=cache, **kwargs)
+    model.generate(**kv(cache), **kwargs)
     stats = cache.stats()
     assert stats.tokens_seen == 305
     # 50% of the per-token bytes plus the projection columns and means (small at this length).

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import compresskv
 from compresskv.cache.base import KVLayer
 from compresskv.cache.xkv import MiniCacheLayer, XKVLayer, ranks_for_ratio
-from conftest import ATTENTIONS, FAMILIES, batch_inputs, dynamic, greedy, tiny_model
+from conftest import ATTENTIONS, FAMILIES, batch_inputs, dynamic, greedy, tiny_model, kv
 
 HEAD_DIM = 16  # every tiny model has head_dim 16
 KEYS = ("pre_rope", "post_rope")
@@ -126,7 +126,7 @@ def test_minicache_read_paths_agree():
 def prefill_kv(model, ids, mask=None):
     cache = dynamic(model)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, **kv(cache), use_cache=True)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -152,7 +152,7 @@ def test_stored_factors_are_the_truncated_svd_of_the_group(keys, solver):
     rank_k, rank_v = 9, 13
     cache = compresskv.XKVCache(model, group_size=2, rank_k=rank_k, rank_v=rank_v, keys=keys, svd_solver=solver)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **kv(cache), use_cache=True)
     for group, layer_ids in zip(cache.groups, ([0, 1], [2, 3])):
         for kind, rank in (("k", rank_k), ("v", rank_v)):
             cols = []
@@ -178,7 +178,7 @@ def test_padding_rows_are_zero_in_the_latent_and_stay_masked():
     cache = compresskv.XKVCache(model, group_size=2, rank_k=8, rank_v=8)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate() computes them
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv(cache), use_cache=True)
     for group in cache.groups:
         assert group.latent_k[1, :7].abs().max() == 0 and group.latent_v[2, :14].abs().max() == 0
         assert group.latent_k[1, 7:].abs().max() > 0
@@ -195,9 +195,9 @@ def test_positions_that_are_not_an_offset_are_kept_per_token():
     results = []
     for cache in (dynamic(model), compresskv.XKVCache(model, group_size=2, **full_rank(2))):
         with torch.no_grad():
-            first = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+            first = model(input_ids=ids, position_ids=positions, **kv(cache), use_cache=True).logits[:, -1]
             token = first.argmax(-1, keepdim=True)
-            nxt = model(input_ids=token, position_ids=torch.tensor([[50]]), past_key_values=cache, use_cache=True)
+            nxt = model(input_ids=token, position_ids=torch.tensor([[50]]), **kv(cache), use_cache=True)
         results.append(nxt.logits[:, -1])
     assert cache.positions.offsets is None and cache.positions.table.dtype == torch.int32
     assert torch.equal(cache.positions.table, positions.int())
@@ -244,7 +244,7 @@ def test_compression_ratio_derives_ranks_from_the_bytes_formula(group_size, rati
     ids, _ = batch_inputs(1, length=256)
     cache = compresskv.XKVCache(model, group_size=group_size, compression_ratio=ratio, keys="post_rope")
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **kv(cache), use_cache=True)
     stats = cache.stats()
     rank_k, rank_v = stats.ranks_k[0], stats.ranks_v[0]
     assert rank_k + rank_v >= 3 and rank_v > rank_k  # keys:values about 2:3
@@ -266,7 +266,7 @@ def test_minicache_nbytes_and_merge_follow_the_paper():
     t, gamma = 0.6, 0.05
     cache = compresskv.MiniCache(model, start_layer=0, t=t, gamma=gamma)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **kv(cache), use_cache=True)
     expected_bytes = 0
     for group, (a, b) in zip(cache.groups, ([0, 1], [2, 3])):
         for kind, slot in (("k", 0), ("v", 1)):
@@ -413,20 +413,20 @@ def test_beam_search_and_batch_operations():
     model = tiny_model("llama", "sdpa")
     ids, mask = batch_inputs(2)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
-    ref = model.generate(past_key_values=dynamic(model), **kwargs)
-    out = model.generate(past_key_values=compresskv.XKVCache(model, group_size=2, **full_rank(2)), **kwargs)
+    ref = model.generate(**kv(dynamic(model)), **kwargs)
+    out = model.generate(**kv(compresskv.XKVCache(model, group_size=2, **full_rank(2))), **kwargs)
     assert torch.equal(out, ref)
     # repeat then select rows: the shared latents and positions follow the layers
     one, _ = batch_inputs(1)
     cache = compresskv.XKVCache(model, group_size=2, rank_k=8, rank_v=8)
     with torch.no_grad():
-        first = model(input_ids=one, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        first = model(input_ids=one, **kv(cache), use_cache=True).logits[:, -1:].argmax(-1)
         before = cache.nbytes()
         cache.batch_repeat_interleave(3)
         assert cache.nbytes() == 3 * before
         cache.batch_select_indices(torch.tensor([0, 2]))
         assert cache.nbytes() == 2 * before
-        logits = model(input_ids=first.repeat(2, 1), past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=first.repeat(2, 1), **kv(cache), use_cache=True).logits
     assert (logits[0] - logits[1]).abs().max().item() == 0.0
 
 
@@ -435,11 +435,11 @@ def test_cache_reset_forgets_everything():
     ids, _ = batch_inputs(1)
     cache = compresskv.XKVCache(model, group_size=2, rank_k=8, rank_v=8)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **kv(cache), use_cache=True)
     cache.reset()
     assert cache.nbytes() == 0 and all(not g.compressed for g in cache.groups)
     with torch.no_grad():
-        model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :20], **kv(cache), use_cache=True)
     assert cache.groups[0].latent_k.shape == (1, 20, 8)
 
 
@@ -451,9 +451,9 @@ def test_full_rank_on_the_embedded_model():
     model, tokenizer = compresskv.load_model()
     ids = make_needle_task(tokenizer, length=300, seed=3).input_ids
     kwargs = dict(input_ids=ids, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    ref = model.generate(past_key_values=dynamic(model), **kwargs)
+    ref = model.generate(**kv(dynamic(model)), **kwargs)
     width = 2 * 3 * 64
-    out = model.generate(past_key_values=compresskv.XKVCache(model, group_size=2, rank_k=width, rank_v=width), **kwargs)
+    out = model.generate(**kv(compresskv.XKVCache(model, group_size=2, rank_k=width, rank_v=width)), **kwargs)
     assert torch.equal(out.sequences, ref.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) <= 1e-3
     compresskv.unpatch(model)

@@ -17,7 +17,7 @@ import torch
 import compresskv
 from compresskv.cache.xkv import ReadCost, XKVLayer
 from compresskv.kernels import PrefixRope, merge_with_tail, tail_mask, xkv_decode, xkv_decode_reference
-from conftest import batch_inputs, dynamic, greedy, tiny_model
+from conftest import batch_inputs, dynamic, greedy, tiny_model, kv
 
 KEYS = ("pre_rope", "post_rope")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -34,7 +34,7 @@ def prefilled(keys: str, positions: str = "offsets", batch: int = 3, length: int
         pos[:, 20:] += 10  # a jump: positions are no longer an offset per row
     cache = compresskv.XKVCache(model, group_size=2, rank_k=6, rank_v=10, keys=keys, **options)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, **kv(cache), use_cache=True)
     if keys == "pre_rope":  # positions are kept only to re-rotate pre-RoPE keys
         assert (cache.positions.table is not None) == (positions == "table")
     return model, ids, mask, pos, cache
@@ -209,7 +209,7 @@ def test_fused_several_new_tokens_at_once(keys):
                 pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(chunk.shape[1])], dim=-1)
                 step = model(
                     input_ids=chunk, attention_mask=mask, position_ids=pos[:, -chunk.shape[1] :],
-                    past_key_values=cache, use_cache=True,
+                    **kv(cache), use_cache=True,
                 )
                 out.append(step.logits)
         logits[mode] = torch.cat(out, dim=1)
