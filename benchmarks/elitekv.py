@@ -42,6 +42,7 @@ import torch
 import transformers
 
 import compresskv
+from compresskv import compat
 from compresskv.eval.machine import machine_info
 from compresskv import elitekv
 from compresskv.eval.needle import dynamic_cache_nbytes, make_needle_task
@@ -99,14 +100,14 @@ def needle(model: Any, tokenizer: Any, task: Any, cache: Any, max_new: int) -> t
     """Greedy answer with ``cache``; returns the row and the last token (the cache keeps the rest)."""
     ids = task.input_ids
     start = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **compat.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - start
     token = out.logits[:, -1:].argmax(-1)
     generated = [token]
     eos = tokenizer.eos_token_id
     start = time.perf_counter()
     for _ in range(max_new - 1):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **compat.cache_kwargs(cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         generated.append(token)
     decode = time.perf_counter() - start
@@ -140,10 +141,10 @@ def decode_speed(model: Any, cache: Any, token: torch.Tensor, ref: tuple[Any, An
         for name in names[step % 3:] + names[: step % 3]:
             start = time.perf_counter()
             if name == "original":
-                original(input_ids=ref_token, past_key_values=ref_cache, use_cache=True)
+                original(input_ids=ref_token, **compat.cache_kwargs(ref_cache), use_cache=True)
             else:
                 set_mode(model, name)
-                model(input_ids=token, past_key_values=cache, use_cache=True)
+                model(input_ids=token, **compat.cache_kwargs(cache), use_cache=True)
             seconds[name] += time.perf_counter() - start
     set_mode(model, "auto")
     return {f"decode_tok_s_{k}": steps / v for k, v in seconds.items()}

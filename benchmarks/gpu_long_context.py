@@ -57,6 +57,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import compresskv
+from compresskv import compat
 from compresskv import attention as ckv_attention
 from compresskv import elitekv
 from compresskv.eval.machine import machine_info
@@ -201,13 +202,13 @@ def random_ids(vocab: int, length: int, seed: int, device: torch.device, batch: 
 # -- one configuration -----------------------------------------------------------------------------
 def decode(model: Any, cache: Any, token: torch.Tensor, steps: int) -> torch.Tensor:
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **compat.cache_kwargs(cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     return token
 
 
 def prefill(model: Any, cache: Any, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **compat.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1:].argmax(-1)
 
 

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 import compresskv
+from compresskv import compat
 from compresskv.eval.machine import machine_info
 from compresskv.attention import install, uninstall
 from compresskv.eval.needle import make_needle_task
@@ -195,7 +196,7 @@ def prefill(model: Any, ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor, 
     uninstall(model)
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **compat.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1].float(), time.perf_counter() - start
 
 
@@ -215,7 +216,7 @@ def continuation_nll(model: Any, cache: Any, last: torch.Tensor, cont: torch.Ten
     feed = cont[:, :-1]
     for i in range(0, feed.shape[-1], chunk):
         piece = feed[:, i : i + chunk]
-        logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float()
+        logits = model(input_ids=piece, **compat.cache_kwargs(cache), use_cache=True).logits.float()
         nll = nll + F.cross_entropy(logits[0], cont[0, i + 1 : i + 1 + piece.shape[-1]], reduction="sum")
     return float(nll) / cont.shape[-1]
 
@@ -229,7 +230,7 @@ def greedy_answer(model: Any, tokenizer: Any, cache: Any, last: torch.Tensor, ma
     for _ in range(max_new - 1):
         if int(token) == tokenizer.eos_token_id:
             break
-        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        token = model(input_ids=token, **compat.cache_kwargs(cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         out.append(token)
     seconds = time.perf_counter() - start
     return tokenizer.decode(torch.cat(out, dim=-1)[0], skip_special_tokens=True).strip(), seconds
@@ -311,7 +312,7 @@ def speed(args: argparse.Namespace, model: Any, projs: dict[str, Any], heldout: 
                 token = tokens[name]
                 start = time.perf_counter()
                 for _ in range(args.speed_tokens):
-                    token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                    token = model(input_ids=token, **compat.cache_kwargs(cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
                 elapsed = time.perf_counter() - start
                 tokens[name] = token
                 if round_ > 0:

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import compresskv
+from compresskv import compat
 from compresskv.eval.machine import machine_info
 from compresskv import attention as ckv_attention
 from compresskv.attention import AttentionCall, uninstall
@@ -160,7 +161,7 @@ class Prefill:
         uninstall(model)
         cache = DynamicCache(config=model.config)
         start = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **compat.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         self.seconds = time.perf_counter() - start
         self.ids = ids
         self.cache = cache
@@ -199,7 +200,7 @@ def greedy_decode(model: Any, cache: Any, first: torch.Tensor, n: int, eos: int 
     for _ in range(n - 1):
         if eos is not None and int(token) == eos:
             break
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **compat.cache_kwargs(cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         tokens.append(int(token))
         steps += 1
@@ -213,7 +214,7 @@ def continuation_nll(model: Any, cache: Any, prefill: Prefill, cont: torch.Tenso
     start = time.perf_counter()
     for i in range(0, feed.shape[-1], chunk):
         piece = feed[:, i : i + chunk]
-        logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float()
+        logits = model(input_ids=piece, **compat.cache_kwargs(cache), use_cache=True).logits.float()
         nll = nll + F.cross_entropy(logits[0], cont[0, i + 1 : i + 1 + piece.shape[-1]], reduction="sum")
     return float(nll) / cont.shape[-1], time.perf_counter() - start
 
@@ -300,7 +301,7 @@ def real_path_check(model: Any, tokenizer: Any, config: dict[str, Any], task: An
     replayed one: same answer, same bytes, and the real prefill time against the plain one."""
     cache = compresskv.make_cache(model, config["method"], **config["options"])
     start = time.perf_counter()
-    out = model(input_ids=prefill.ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=prefill.ids, **compat.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     seconds = time.perf_counter() - start
     first_logits = out.logits[:, -1].float()
     nbytes = cache.nbytes()
