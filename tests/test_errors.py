@@ -101,3 +101,14 @@ def test_crop_is_refused_clearly(model):
     assert not cache.is_croppable
     with pytest.raises(RuntimeError, match="cropped"):
         cache.crop(-1)
+
+
+def test_streamingllm_ratio_below_the_sinks_is_clamped_not_refused(model):
+    """A budget is checked when the cache is built; a ratio is relative to a prompt length not
+    known then, so it is clamped at run time to the sinks plus one recent token."""
+    cache = compresskv.StreamingLLMCache(model, sink=4, compression_ratio=0.95)
+    assert cache.plan(48, 0, 1) == (5, 0)  # 48 * 0.05 rounds to 2 tokens: the sinks + 1 instead
+    assert cache.plan(5, 0, 1) is None  # nothing to evict from a prompt that short
+    with pytest.raises(ValueError) as err:
+        compresskv.StreamingLLMCache(model, sink=4, compression_ratio=1.0)
+    assert "compression_ratio" in str(err.value)

@@ -255,3 +255,30 @@ def test_nbytes_is_the_kept_tokens_and_drops_by_the_ratio(method, ratio):
         model(input_ids=ids, **kv(full), use_cache=True)
     dyn_bytes = sum(t.numel() * t.element_size() for layer in full.layers for t in (layer.keys, layer.values))
     assert cache.uncompressed_nbytes() == dyn_bytes
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9, 0.95])
+def test_streamingllm_ratio_keeps_the_sinks_and_the_most_recent(ratio):
+    """A ratio keeps the contract of budget=: the first ``sink`` real tokens of each row, then the
+    most recent ones; a ratio that leaves fewer than ``sink + 1`` tokens keeps ``sink + 1``."""
+    from compresskv.cache.eviction import ratio_budget
+
+    model = tiny_model("llama", "sdpa", layers=2)
+    ids, mask = batch_inputs(3, length=48)  # rows padded by 0, 7, 14
+    full = dynamic(model)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, **kv(full), use_cache=True)
+    sink = 4
+    for rows in ([0], [0, 1, 2]):  # alone, then batched with padding
+        cache = compresskv.StreamingLLMCache(model, sink=sink, compression_ratio=ratio)
+        with torch.no_grad():
+            model(input_ids=ids[rows], attention_mask=mask[rows], **kv(cache), use_cache=True)
+        for layer, ref in zip(cache.layers, full.layers):
+            for i, row in enumerate(rows):
+                first = 7 * row
+                n_keep = max(ratio_budget(48 - first, ratio), sink + 1)
+                expected = list(range(first, first + sink)) + list(range(48 - (n_keep - sink), 48))
+                slots = layer.valid[i, 0] if layer.valid is not None else torch.ones(layer.keys.shape[2], dtype=torch.bool)
+                stored = layer.keys[i : i + 1][:, :, slots]
+                pos = kept_positions(stored, ref.keys[row : row + 1])
+                assert all(p == expected for p in pos), (ratio, row, pos[0])

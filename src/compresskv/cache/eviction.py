@@ -302,7 +302,9 @@ class StreamingLLMCache(EvictionCache):
         model: the transformers model the cache is for.
         sink: attention-sink tokens kept at the start.
         window: recent tokens kept (total kept = ``sink + window``); or give ``budget`` (total
-            kept) or ``compression_ratio`` (fraction evicted, in [0, 1)) instead.
+            kept, more than ``sink``) or ``compression_ratio`` (fraction evicted, in [0, 1))
+            instead. A ratio that would leave fewer than ``sink + 1`` tokens of a prompt keeps
+            ``sink + 1``: the sinks and the most recent token.
     """
 
     method = "streamingllm"
@@ -333,7 +335,13 @@ class StreamingLLMCache(EvictionCache):
         super().__init__(model, budget=budget, compression_ratio=compression_ratio, window_size=0)
 
     def plan(self, seq_len: int, rank: int, n_full: int) -> tuple[int, int] | None:
-        kept = self.budget if self.budget is not None else ratio_budget(seq_len, self.compression_ratio)
+        if self.budget is not None:
+            kept = self.budget
+        else:
+            # A ratio is relative to a prompt length not known when the cache is built, so it
+            # cannot be checked against the sinks then: it keeps at least the sinks plus one
+            # recent token (the least budget= accepts).
+            kept = max(ratio_budget(seq_len, self.compression_ratio), self.sink + 1)
         return None if seq_len <= kept else (kept, 0)
 
     def scores(
