@@ -1,10 +1,12 @@
 """Token eviction: PyramidKV (arXiv 2406.02069), SnapKV (arXiv 2404.14469) and StreamingLLM
 (arXiv 2309.17453).
 
-Eviction happens once, right after prefill attention (which ran on the full keys and values):
-each full-attention layer keeps, per KV head, the tokens its policy scores highest plus a recent
-window, and drops the rest for good. Decoding appends. Scores come from the prefill's own query
-states, handed over by compresskv's attention function, so no model-specific code is needed.
+Eviction happens right after prefill attention (which ran on the full keys and values): each
+full-attention layer keeps, per KV head, the tokens its policy scores highest plus a recent
+window, and drops the rest for good. A prompt fed in chunks (``generate(prefill_chunk_size=...)``)
+is evicted again after each chunk, to the budget of the prompt tokens seen so far, with scores
+from that chunk's own queries. Decoding appends. Scores come from the prompt's own query states,
+handed over by compresskv's attention function, so no model-specific code is needed.
 """
 
 from __future__ import annotations
@@ -50,116 +52,171 @@ def ratio_budget(seq_len: int, compression_ratio: float) -> int:
 
 
 # -- scores --------------------------------------------------------------------------------------
-def window_attention(
-    query: torch.Tensor, keys: torch.Tensor, pad2d: torch.Tensor | None, window: int, scaling: float
-) -> torch.Tensor:
-    """``softmax(q[-window:] kᵀ · scaling)`` in fp32, causal and padding-masked.
+def _validity(valid: torch.Tensor | None, bsz: int, n_kv: int, seq_len: int) -> torch.Tensor | None:
+    """``[batch, kv_heads, seq_len]`` booleans from a 2-D padding mask (its last ``seq_len``
+    columns) or a per-KV-head validity tensor; ``None`` stays ``None`` (every token real)."""
+    if valid is None:
+        return None
+    valid = valid.to(torch.bool)
+    if valid.dim() == 2:
+        return valid[:, None, -seq_len:].expand(bsz, n_kv, seq_len)
+    return valid
 
-    ``query``: ``[batch, q_heads, T, d]``; ``keys``: ``[batch, kv_heads, T, d]``. Returns
-    ``[batch, q_heads, window, T]`` (query heads in ``repeat_kv`` order).
+
+def window_attention(
+    query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float
+) -> torch.Tensor:
+    """``softmax(q[-window:] kᵀ · scaling)`` in fp32, causal and masked to valid tokens.
+
+    ``query``: ``[batch, q_heads, q_len, d]``, the queries of the last ``q_len`` of the ``T`` keys
+    (``q_len == T`` for a whole prompt, fewer for a later chunk of one); ``keys``:
+    ``[batch, kv_heads, T, d]``; ``valid``: a ``[batch, >= T]`` padding mask, a
+    ``[batch, kv_heads, T]`` validity tensor, or ``None``. Returns ``[batch, q_heads, window, T]``
+    (query heads in ``repeat_kv`` order).
     """
-    bsz, n_q, seq_len, dim = query.shape
-    n_kv = keys.shape[1]
+    bsz, n_q, _, dim = query.shape
+    n_kv, seq_len = keys.shape[1], keys.shape[2]
     groups = n_q // n_kv
     q = query[:, :, -window:].float().reshape(bsz, n_kv, groups * window, dim)
     logits = (q @ keys.float().transpose(-1, -2)).mul_(scaling).view(bsz, n_q, window, seq_len)
     q_pos = torch.arange(seq_len - window, seq_len, device=query.device)
     allowed = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
     allowed = allowed[None, None]
-    if pad2d is not None:
-        allowed = allowed & pad2d[:, None, None, -seq_len:].to(torch.bool)
+    valid = _validity(valid, bsz, n_kv, seq_len)
+    if valid is not None:
+        allowed = allowed & valid.repeat_interleave(groups, dim=1)[:, :, None, :]
     logits.masked_fill_(~allowed, float("-inf"))
     return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+
+
+def _pool(scores: torch.Tensor, valid: torch.Tensor | None, kernel_size: int, pooling: Pooling) -> torch.Tensor:
+    """Pool ``scores`` (``[batch, heads, n]``) along tokens over the valid tokens only, in order,
+    as if the invalid slots (padding, filler) were not there: a row pools the same neighbours
+    batched or alone, whatever slots padding and earlier eviction left between its tokens."""
+    pool = F.max_pool1d if pooling == "maxpool" else F.avg_pool1d
+    bsz, heads, n = scores.shape
+    if valid is None or bool(valid.all()):
+        flat = pool(scores.reshape(bsz * heads, 1, n), kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
+        return flat.view(bsz, heads, n)
+    # Valid slots first (stable: in order), invalid ones after them as zeros, which both poolings
+    # treat as their own border padding (scores are >= 0; avg_pool counts padding as zeros).
+    order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
+    packed = scores.gather(-1, order).masked_fill(~valid.gather(-1, order), 0.0)
+    flat = pool(packed.reshape(bsz * heads, 1, n), kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
+    return torch.empty_like(scores).scatter_(-1, order, flat.view(bsz, heads, n))
 
 
 def snapkv_scores(
     query: torch.Tensor,
     keys: torch.Tensor,
-    pad2d: torch.Tensor | None,
+    valid: torch.Tensor | None,
     window: int,
     scaling: float,
     kernel_size: int = 7,
     pooling: Pooling = "maxpool",
 ) -> torch.Tensor:
-    """SnapKV scores of the ``T - window`` prefix tokens, ``[batch, kv_heads, T - window]``.
+    """SnapKV scores of the ``T - window`` tokens before the window, ``[batch, kv_heads, T - window]``.
 
-    Sum over the window queries of their attention weight, pooled along tokens per query head,
-    then averaged over each KV head's query group. Padding tokens score ``-inf``.
+    Sum over the window queries of their attention weight, pooled along the valid tokens per query
+    head, then averaged over each KV head's query group. Invalid tokens (padding, filler) score
+    ``-inf``. ``valid`` is as in :func:`window_attention`.
     """
-    bsz, n_q, seq_len, _ = query.shape
-    n_kv = keys.shape[1]
-    weights = window_attention(query, keys, pad2d, window, scaling)
-    scores = weights[..., : seq_len - window].sum(dim=-2)
-    flat = scores.reshape(bsz * n_q, 1, seq_len - window)
-    if kernel_size > 1:
-        pool = F.max_pool1d if pooling == "maxpool" else F.avg_pool1d
-        flat = pool(flat, kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
-    scores = flat.view(bsz, n_kv, n_q // n_kv, seq_len - window).mean(dim=2)
-    if pad2d is not None:
-        real = pad2d[:, -seq_len:][:, : seq_len - window].to(torch.bool)
-        scores = scores.masked_fill(~real[:, None, :], float("-inf"))
+    bsz, n_q, _, _ = query.shape
+    n_kv, seq_len = keys.shape[1], keys.shape[2]
+    groups, prefix = n_q // n_kv, seq_len - window
+    valid = _validity(valid, bsz, n_kv, seq_len)
+    weights = window_attention(query, keys, valid, window, scaling)
+    scores = weights[..., :prefix].sum(dim=-2)
+    head_valid = valid[..., :prefix] if valid is not None else None
+    if kernel_size > 1 and prefix > 0:
+        q_valid = head_valid.repeat_interleave(groups, dim=1) if head_valid is not None else None
+        scores = _pool(scores, q_valid, kernel_size, pooling)
+    scores = scores.view(bsz, n_kv, groups, prefix).mean(dim=2)
+    if head_valid is not None:
+        scores = scores.masked_fill(~head_valid, float("-inf"))
     return scores
 
 
 def streaming_scores(
-    bsz: int, n_kv: int, seq_len: int, sink: int, pad2d: torch.Tensor | None, device: torch.device
+    bsz: int, n_kv: int, seq_len: int, sink: int, valid: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
-    """StreamingLLM as scores: each row's first ``sink`` real tokens first, then recency."""
-    pos = torch.arange(seq_len, device=device, dtype=torch.float32).expand(bsz, seq_len)
-    if pad2d is None:
-        first = torch.zeros(bsz, 1, device=device)
-        real = torch.ones(bsz, seq_len, dtype=torch.bool, device=device)
+    """StreamingLLM as scores: each row's first ``sink`` valid tokens first, then recency.
+    ``valid`` is as in :func:`window_attention`."""
+    valid = _validity(valid, bsz, n_kv, seq_len)
+    if valid is None:
+        rank = torch.arange(seq_len, device=device, dtype=torch.float32).expand(bsz, n_kv, seq_len)
     else:
-        real = pad2d[:, -seq_len:].to(torch.bool)
-        first = (~real).sum(dim=-1, keepdim=True).float()
-    is_sink = (pos >= first) & (pos < first + sink)
-    scores = torch.where(is_sink, pos + 2.0 * seq_len, pos)
-    scores = scores.masked_fill(~real, float("-inf"))
-    return scores[:, None, :].expand(bsz, n_kv, seq_len)
+        rank = valid.cumsum(dim=-1).float() - 1.0  # rank among the row's valid tokens
+    scores = torch.where(rank < sink, rank + 2.0 * seq_len, rank)
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    return scores
 
 
 # -- layers and caches ---------------------------------------------------------------------------
 class EvictionLayer(KVLayer):
-    """A full-attention layer that evicts once, after prefill, what its cache's policy says."""
+    """A full-attention layer that evicts what its cache's policy says after the prompt: once
+    after a whole prompt, or after each chunk of a chunked one."""
 
     def __init__(self, policy: "EvictionCache", rank: int, n_full: int) -> None:
         super().__init__()
         self.policy, self.rank, self.n_full = policy, rank, n_full
 
     def compress(self, call: AttentionCall) -> None:
+        """Evict after the prompt's first (or only) forward."""
+        self.evict(call)
+
+    def compress_chunk(self, call: AttentionCall) -> None:
+        """Evict again after a further chunk of the prompt, to the budget of every prompt token
+        seen so far, so that memory stays bounded by the budget plus one chunk."""
+        self.evict(call)
+
+    def evict(self, call: AttentionCall) -> None:
         """Evict per row as if the row were alone: its budget (and PyramidKV's schedule) follows
-        its own number of real tokens, so a batched prompt keeps what it would keep unbatched.
-        Rows that keep fewer tokens than the longest-kept row fill the extra slots with masked
-        tokens (as padding is)."""
+        its own number of real prompt tokens seen so far, so a batched prompt keeps what it would
+        keep unbatched. Scores come from the window of this forward's last queries (at most as
+        many as it has) over every stored and new token; the window's tokens are kept. Rows that
+        keep fewer tokens than the longest-kept row fill the extra slots with masked tokens (as
+        padding is)."""
         bsz, n_kv, seq_len, _ = self.keys.shape
-        real = call.pad2d[:, -seq_len:].to(self.keys.device, torch.bool) if call.pad2d is not None else None
-        lengths = real.sum(dim=-1).tolist() if real is not None else [seq_len] * bsz
+        device = self.keys.device
+        q_len = call.query.shape[-2]
+        seen = max(self.seen, seq_len)  # (a layer filled by hand has seen nothing)
+        if call.pad2d is not None:
+            lengths = call.pad2d[:, -seen:].to(device, torch.bool).sum(dim=-1).tolist()
+        else:
+            lengths = [seen] * bsz
         plans: dict[tuple[int, int] | None, list[int]] = {}
         for row, length in enumerate(lengths):
             plan = self.policy.plan(int(length), self.rank, self.n_full)
             plans.setdefault(None if plan is None or plan[0] >= length else plan, []).append(row)
         if list(plans) == [None]:
             return
-        chosen = torch.zeros(bsz, n_kv, seq_len, dtype=torch.bool, device=self.keys.device)
+        # Which stored slots hold real tokens: padding and earlier filler are never chosen.
+        valid = self.valid
+        real = valid if valid is not None else torch.ones(bsz, n_kv, seq_len, dtype=torch.bool, device=device)
+        chosen = torch.zeros(bsz, n_kv, seq_len, dtype=torch.bool, device=device)
         for plan, rows in plans.items():
-            sel = slice(None) if len(rows) == bsz else torch.tensor(rows, device=self.keys.device)
+            sel = slice(None) if len(rows) == bsz else torch.tensor(rows, device=device)
             if plan is None:  # nothing to evict: every real token stays
-                chosen[sel] = real[sel][:, None, :] if real is not None else True
+                chosen[sel] = real[sel]
                 continue
             n_keep, window = plan
-            pad = call.pad2d[sel] if call.pad2d is not None else None
-            scores = self.policy.scores(call.query[sel], self.keys[sel], pad, window, call.scaling)
+            window = min(window, q_len)  # a chunk shorter than the window scores with all its queries
+            scores = self.policy.scores(
+                call.query[sel], self.keys[sel], valid[sel] if valid is not None else None, window, call.scaling
+            )
             # A stable sort breaks ties (pooling makes plateaus) by position, on every device and
             # whatever padding precedes the row: topk would not.
             top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : n_keep - window]
-            picked = torch.zeros(scores.shape[0], n_kv, seq_len, dtype=torch.bool, device=chosen.device)
+            picked = torch.zeros(scores.shape[0], n_kv, seq_len, dtype=torch.bool, device=device)
             picked.scatter_(-1, top, True)
             picked[..., seq_len - window :] = True
-            chosen[sel] = picked
+            chosen[sel] = picked & real[sel]
         slots = int(chosen.sum(dim=-1).max())
         # Chosen tokens first, in order, then filler (masked): every head of a row has the same
         # number of valid slots, in front, which flash attention's per-row mask needs.
-        position = torch.arange(seq_len, device=chosen.device)
+        position = torch.arange(seq_len, device=device)
         index = torch.sort(position + (~chosen) * seq_len, dim=-1).indices[..., :slots]
         self.keep(index, chosen.gather(-1, index))
 
@@ -214,10 +271,12 @@ class EvictionCache(CompressedCache):
         return None if seq_len <= kept else (kept, window)
 
     def scores(
-        self, query: torch.Tensor, keys: torch.Tensor, pad2d: torch.Tensor | None, window: int, scaling: float
+        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float
     ) -> torch.Tensor:
-        """Scores of the ``T - window`` prefix tokens, ``[batch, kv_heads, T - window]``; the
-        highest are kept. Each policy overrides this."""
+        """Scores of the ``T - window`` tokens before the window, ``[batch, kv_heads, T - window]``;
+        the highest are kept. ``query`` holds the last ``q_len <= T`` tokens' queries; ``valid``
+        (``[batch, kv_heads, T]``, ``None`` when all are real) marks the stored and new tokens
+        that are real. Each policy overrides this."""
         raise NotImplementedError(f"{type(self).__name__} must define scores()")
 
 
@@ -241,9 +300,9 @@ class _SnapScoring(EvictionCache):
         super().__init__(model, budget=budget, compression_ratio=compression_ratio, window_size=window_size)
 
     def scores(
-        self, query: torch.Tensor, keys: torch.Tensor, pad2d: torch.Tensor | None, window: int, scaling: float
+        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float
     ) -> torch.Tensor:
-        return snapkv_scores(query, keys, pad2d, window, scaling, self.kernel_size, self.pooling)
+        return snapkv_scores(query, keys, valid, window, scaling, self.kernel_size, self.pooling)
 
 
 class SnapKVCache(_SnapScoring):
@@ -296,7 +355,7 @@ class PyramidKVCache(_SnapScoring):
 
 class StreamingLLMCache(EvictionCache):
     """StreamingLLM (arXiv 2309.17453): keep the first ``sink`` real tokens of each row and the
-    most recent ones, evicting the middle once after prefill.
+    most recent ones, evicting the middle after prefill.
 
     Args:
         model: the transformers model the cache is for.
@@ -345,10 +404,10 @@ class StreamingLLMCache(EvictionCache):
         return None if seq_len <= kept else (kept, 0)
 
     def scores(
-        self, query: torch.Tensor, keys: torch.Tensor, pad2d: torch.Tensor | None, window: int, scaling: float
+        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float
     ) -> torch.Tensor:
         bsz, n_kv, seq_len, _ = keys.shape
-        return streaming_scores(bsz, n_kv, seq_len, self.sink, pad2d, keys.device)
+        return streaming_scores(bsz, n_kv, seq_len, self.sink, valid, keys.device)
 
 
 __all__ = [
