@@ -187,3 +187,22 @@ def test_a_second_turn_after_decoding_is_appended_under_chunking():
     # 21 new prompt tokens (the last answer token was never fed back), in two chunks, + 3 decoded
     assert [s + 24 for s in stored_after_first] == cache.stats().tokens_stored
 
+
+# -- perplexity: the continuation is not part of the prompt -----------------------------------------
+def test_perplexity_appends_the_continuation_whatever_its_chunk_size():
+    """run_perplexity feeds the continuation's first token alone, so a compressed cache does not
+    take the continuation's chunks for more of the prompt: every chunk size stores it whole."""
+    from compresskv.eval import make_perplexity_task, run_perplexity
+    from tiny_tokenizer import prose, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok), layers=2)
+    task = make_perplexity_task(tok, prose(300), length=200, continuation=48, seed=1)
+    full = run_perplexity(model, task, chunk_size=16)
+    runs = {size: run_perplexity(model, task, compresskv.SnapKVCache(model, compression_ratio=0.5), chunk_size=size)
+            for size in (1, 16, 64)}
+    per_token = (full["cache_bytes"] - full["cache_bytes_prefill"]) / 47  # 47 fed continuation tokens
+    for size, run in runs.items():
+        assert run["cache_bytes_prefill"] < 0.6 * full["cache_bytes_prefill"], size
+        assert run["cache_bytes"] - run["cache_bytes_prefill"] == 47 * per_token, size
+        assert run["nll"] == pytest.approx(runs[1]["nll"], abs=1e-5), size

@@ -111,7 +111,12 @@ def make_perplexity_task(
 @torch.inference_mode()
 def run_perplexity(model: Any, task: PerplexityTask, cache: Any = None, chunk_size: int = 128) -> dict[str, Any]:
     """Prefill ``task.prefix`` into ``cache`` (``None``: ``DynamicCache``), then score
-    the continuation fed ``chunk_size`` tokens at a time. Returns ``ppl``, ``nll`` (mean, nats),
+    the continuation: its first token alone, then the rest ``chunk_size`` tokens at a time.
+
+    A compressed cache takes the prompt to be every multi-token forward before the first
+    single-token one (a chunked prompt is compressed chunk by chunk); feeding the continuation's
+    first token alone ends the prompt at the prefix, so the continuation is appended as decoded
+    tokens are, whatever ``chunk_size``. Returns ``ppl``, ``nll`` (mean, nats),
     ``prefill_s``, ``decode_tok_s`` (continuation tokens per second), ``cache_bytes_prefill``,
     ``cache_bytes``, ``peak_prefill_bytes``, ``peak_decode_bytes`` and ``tokens``."""
     from transformers import DynamicCache
@@ -135,8 +140,10 @@ def run_perplexity(model: Any, task: PerplexityTask, cache: Any = None, chunk_si
         start = time.perf_counter()
         n = cont.shape[-1]
         feed = cont[:, :-1]  # the last token predicts nothing we score
-        for i in range(0, feed.shape[-1], chunk_size):
-            piece = feed[:, i : i + chunk_size]
+        # The first token alone: a single-token step, so the prompt ends with the prefix.
+        starts = [0] + list(range(1, feed.shape[-1], chunk_size)) if feed.shape[-1] else []
+        for i, end in zip(starts, starts[1:] + [feed.shape[-1]]):
+            piece = feed[:, i:end]
             logits = model(input_ids=piece, use_cache=True, **compat.cache_kwargs(cache, model.forward)).logits.float()
             targets = cont[:, i + 1 : i + 1 + piece.shape[-1]]
             nll = nll + F.cross_entropy(logits[0], targets[0], reduction="sum")
