@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DynamicCache
 
 import compresskv
 from compresskv import compat
+from compresskv.eval import perplexity
 from compresskv.eval.machine import machine_info
 from compresskv.attention import install, uninstall
 from compresskv.eval.needle import make_needle_task
@@ -208,17 +208,10 @@ def plain_or_compressed(model: Any, cache: Any) -> Any:
     return cache
 
 
-@torch.inference_mode()
-def continuation_nll(model: Any, cache: Any, last: torch.Tensor, cont: torch.Tensor, chunk: int = 128) -> float:
+def continuation_nll(model: Any, cache: Any, last: torch.Tensor, cont: torch.Tensor) -> float:
     """Mean NLL of ``cont`` given the prefix in ``cache`` (first token from the prefix's ``last`` logits)."""
     plain_or_compressed(model, cache)
-    nll = F.cross_entropy(last, cont[:, 0], reduction="sum")
-    feed = cont[:, :-1]
-    for i in range(0, feed.shape[-1], chunk):
-        piece = feed[:, i : i + chunk]
-        logits = model(input_ids=piece, **compat.cache_kwargs(cache), use_cache=True).logits.float()
-        nll = nll + F.cross_entropy(logits[0], cont[0, i + 1 : i + 1 + piece.shape[-1]], reduction="sum")
-    return float(nll) / cont.shape[-1]
+    return perplexity.continuation_nll(model, cache, last, cont)
 
 
 @torch.inference_mode()

@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 import compresskv
 from compresskv import compat
+from compresskv.eval import perplexity
 from compresskv.eval.machine import machine_info
 from compresskv import attention as ckv_attention
 from compresskv.attention import AttentionCall, uninstall
@@ -207,16 +207,11 @@ def greedy_decode(model: Any, cache: Any, first: torch.Tensor, n: int, eos: int 
     return tokens, time.perf_counter() - start, steps
 
 
-def continuation_nll(model: Any, cache: Any, prefill: Prefill, cont: torch.Tensor, chunk: int = 128) -> tuple[float, float]:
+def continuation_nll(model: Any, cache: Any, prefill: Prefill, cont: torch.Tensor) -> tuple[float, float]:
     """Mean NLL (nats) of ``cont`` given the cached prefix, and the seconds it took."""
-    nll = F.cross_entropy(prefill.last_logits, cont[:, 0], reduction="sum")
-    feed = cont[:, :-1]
     start = time.perf_counter()
-    for i in range(0, feed.shape[-1], chunk):
-        piece = feed[:, i : i + chunk]
-        logits = model(input_ids=piece, **compat.cache_kwargs(cache), use_cache=True).logits.float()
-        nll = nll + F.cross_entropy(logits[0], cont[0, i + 1 : i + 1 + piece.shape[-1]], reduction="sum")
-    return float(nll) / cont.shape[-1], time.perf_counter() - start
+    nll = perplexity.continuation_nll(model, cache, prefill.last_logits, cont)
+    return nll, time.perf_counter() - start
 
 
 def dyn_bytes(cache: DynamicCache) -> int:

@@ -109,14 +109,28 @@ def make_perplexity_task(
 
 
 @torch.inference_mode()
+def continuation_nll(model: Any, cache: Any, last_logits: torch.Tensor, cont: torch.Tensor, chunk_size: int = 128) -> float:
+    """Mean NLL (nats) of ``cont`` (``[1, n]``) given what ``cache`` holds, the first token scored
+    from ``last_logits`` (the prefix's last position). The continuation is fed with its first token
+    alone, then ``chunk_size`` tokens at a time: a compressed cache takes the prompt to be every
+    multi-token forward before the first single-token one (a chunked prompt is compressed chunk by
+    chunk), so the single-token step ends the prompt at the prefix and the continuation is appended
+    as decoded tokens are, whatever ``chunk_size``."""
+    nll = F.cross_entropy(last_logits.float(), cont[:, 0], reduction="sum")
+    feed = cont[:, :-1]  # the last token predicts nothing we score
+    starts = [0] + list(range(1, feed.shape[-1], chunk_size)) if feed.shape[-1] else []
+    for i, end in zip(starts, starts[1:] + [feed.shape[-1]]):
+        piece = feed[:, i:end]
+        logits = model(input_ids=piece, use_cache=True, **compat.cache_kwargs(cache, model.forward)).logits.float()
+        nll = nll + F.cross_entropy(logits[0], cont[0, i + 1 : end + 1], reduction="sum")
+    return float(nll) / cont.shape[-1]
+
+
+@torch.inference_mode()
 def run_perplexity(model: Any, task: PerplexityTask, cache: Any = None, chunk_size: int = 128) -> dict[str, Any]:
     """Prefill ``task.prefix`` into ``cache`` (``None``: ``DynamicCache``), then score
-    the continuation: its first token alone, then the rest ``chunk_size`` tokens at a time.
-
-    A compressed cache takes the prompt to be every multi-token forward before the first
-    single-token one (a chunked prompt is compressed chunk by chunk); feeding the continuation's
-    first token alone ends the prompt at the prefix, so the continuation is appended as decoded
-    tokens are, whatever ``chunk_size``. Returns ``ppl``, ``nll`` (mean, nats),
+    the continuation with :func:`continuation_nll` (its first token alone, then ``chunk_size``
+    tokens at a time, so it is appended, never compressed as more prompt). Returns ``ppl``, ``nll`` (mean, nats),
     ``prefill_s``, ``decode_tok_s`` (continuation tokens per second), ``cache_bytes_prefill``,
     ``cache_bytes``, ``peak_prefill_bytes``, ``peak_decode_bytes`` and ``tokens``."""
     from transformers import DynamicCache
@@ -134,22 +148,13 @@ def run_perplexity(model: Any, task: PerplexityTask, cache: Any = None, chunk_si
     last = out.logits[:, -1].float()
     del out
     bytes_prefill = cache_nbytes(cache)
-    nll = F.cross_entropy(last, cont[:, 0], reduction="sum")
     with mem.phase() as decode_mem:
         _sync(device)
         start = time.perf_counter()
         n = cont.shape[-1]
-        feed = cont[:, :-1]  # the last token predicts nothing we score
-        # The first token alone: a single-token step, so the prompt ends with the prefix.
-        starts = [0] + list(range(1, feed.shape[-1], chunk_size)) if feed.shape[-1] else []
-        for i, end in zip(starts, starts[1:] + [feed.shape[-1]]):
-            piece = feed[:, i:end]
-            logits = model(input_ids=piece, use_cache=True, **compat.cache_kwargs(cache, model.forward)).logits.float()
-            targets = cont[:, i + 1 : i + 1 + piece.shape[-1]]
-            nll = nll + F.cross_entropy(logits[0], targets[0], reduction="sum")
+        mean = continuation_nll(model, cache, last, cont, chunk_size)
         _sync(device)
         decode = time.perf_counter() - start
-    mean = float(nll) / n
     return {
         "ppl": math.exp(mean),
         "nll": mean,
