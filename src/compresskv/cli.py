@@ -12,12 +12,143 @@ from typing import Any, Sequence
 import torch
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+# -- option values, checked by argparse before anything is loaded ------------------------------------
+# Each is an argparse ``type=``: a bad value ends the command with one line naming the option and
+# what it takes (``compresskv bench: error: argument --ratios: ...``) and exit status 2.
+def _listed(text: str, what: str) -> list[str]:
+    items = _names(text)
+    if not items:
+        raise argparse.ArgumentTypeError(f"got {text!r}; give {what}")
+    return list(dict.fromkeys(items))  # in order, each once
+
+
+def _ratios(text: str) -> list[float]:
+    what = "comma-separated compression ratios in [0, 1) (the fraction of the cache removed), e.g. 0.5,0.875"
+    ratios = []
+    for item in _listed(text, what):
+        try:
+            ratio = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number; give {what}") from None
+        if not 0.0 <= ratio < 1.0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{item} is outside [0, 1); give {what}")
+        ratios.append(ratio)
+    return ratios
+
+
+def _count(minimum: int, what: str):
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give {what}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}; give {what}")
+        return value
+
+    check.__name__ = "int"
+    return check
+
+
+def _seeds(text: str) -> list[int]:
+    what = "comma-separated whole-number seeds, e.g. 0,1,2"
+    seeds = []
+    for item in _listed(text, what):
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a whole number; give {what}") from None
+    return seeds
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a number in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]; give a number in [0, 1] (0: start, 1: end)")
+    return value
+
+
+def _methods(text: str) -> list[str]:
+    from . import available_methods
+
+    known = available_methods()
+    methods = _listed(text, f"comma-separated method names from {', '.join(known)}")
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return methods
+
+
+def _all_tasks() -> list[str]:
+    from .eval.bench import PERPLEXITY
+    from .eval.tasks import available_tasks
+
+    return available_tasks() + [PERPLEXITY]
+
+
+def _tasks(text: str) -> list[str]:
+    known = _all_tasks()
+    tasks = _listed(text, f"comma-separated task names from {', '.join(known)}")
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return tasks
+
+
+def _text_source(text: str) -> str:
+    """A text file that exists, or ``hf:NAME[:CONFIG[:SPLIT]]`` (a ``datasets`` corpus)."""
+    if text.startswith("hf:"):
+        if not text[3:].split(":")[0]:
+            raise argparse.ArgumentTypeError(f"{text!r} names no data set; give a text file or hf:NAME[:CONFIG[:SPLIT]]")
+        return text
+    return _text_file(text, "a text file or hf:NAME[:CONFIG[:SPLIT]]")
+
+
+def _text_file(text: str, what: str = "a text file") -> str:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file {text!r}; give {what}")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file; give {what}")
+    return text
+
+
+def _haystack(text: str) -> str:
+    return _text_file(text, "a text file to hide the needles in")
+
+
+def _model(text: str) -> str:
+    """A hub id (``org/name``) or a local path; a path written as one (``/``, ``./``, ``../``,
+    ``~``) must exist, or transformers would look it up on the hub."""
+    if text.startswith(("/", "./", "../", "~")) and not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"no such model directory {text!r}; give a local model path or a hub id (org/name)")
+    return str(Path(text).expanduser()) if text.startswith("~") else text
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; give cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here; give cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+    return text
+
+
+_LENGTH = "a prompt length in tokens >= 1, e.g. 4096"
+_THREADS = "a number of CPU threads >= 1"
 
 
 def demo_rows(
@@ -86,14 +217,11 @@ def demo(args: argparse.Namespace) -> int:
     from . import available_methods, load_model
 
     torch.set_num_threads(args.threads)
-    methods = _names(args.methods) if args.methods else available_methods()
-    unknown = sorted(set(methods) - set(available_methods()))
-    if unknown:
-        print(f"compresskv demo: unknown methods {unknown}; available: {available_methods()}", file=sys.stderr)
-        return 2
+    methods = args.methods or available_methods()
     model, tokenizer = load_model(args.model, device=args.device)
     print(f"model: {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {args.device}", file=sys.stderr)
-    rows = demo_rows(model, tokenizer, methods, _floats(args.ratios), args.length, args.depth, args.seed,
+    _check_needle_length(args, tokenizer)
+    rows = demo_rows(model, tokenizer, methods, args.ratios, args.length, args.depth, args.seed,
                      calibration=args.calibration)
     print(format_table(rows))
     print(f"\nneedle: {rows[0]['expected']}; full-cache answer: {rows[0]['answer']!r}")
@@ -108,23 +236,16 @@ def bench(args: argparse.Namespace) -> int:
     from .eval.tasks import available_tasks
 
     torch.set_num_threads(args.threads)
-    methods = _names(args.methods) if args.methods else available_methods()
-    tasks = _names(args.tasks) if args.tasks else available_tasks() + ([PERPLEXITY] if args.text else [])
-    bad = [t for t in tasks if t not in available_tasks() + [PERPLEXITY]]
-    if bad:
-        print(f"compresskv bench: unknown tasks {bad}; choose from {available_tasks() + [PERPLEXITY]}", file=sys.stderr)
-        return 2
-    if PERPLEXITY in tasks and not args.text:
-        print("compresskv bench: the perplexity task needs --text PATH (or hf:NAME)", file=sys.stderr)
-        return 2
+    methods = args.methods or available_methods()
+    tasks = args.tasks or available_tasks() + ([PERPLEXITY] if args.text else [])
     from .models import DEFAULT_MODEL
 
     config = BenchConfig(
         methods=methods,
-        ratios=_floats(args.ratios),
+        ratios=args.ratios,
         tasks=tasks,
         length=args.length,
-        seeds=[int(s) for s in _names(args.seeds)],
+        seeds=args.seeds,
         out=args.out,
         model=args.model or DEFAULT_MODEL,
         text=args.text,
@@ -145,17 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compresskv", description="Compressed KV caches for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="answer a ~4k-token needle question with every method at a few ratios")
-    d.add_argument("--model", default=None, help="hub id or local path (default: embedded SmolLM2-135M-Instruct)")
-    d.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
-    d.add_argument("--ratios", default="0.5,0.875", help="fractions of the cache removed (default: 0.5,0.875)")
-    d.add_argument("--length", type=int, default=4096, help="prompt length in tokens (default: 4096)")
-    d.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default: 0.5)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--calibration", default=None, help="text the calibrated methods (pca, matryoshka, elitekv) "
-                   "calibrate on, as in `compresskv bench`: a file or hf:NAME; without it they are skipped")
-    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    d.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
-    d.set_defaults(func=demo)
+    d.add_argument("--model", type=_model, default=None, help="hub id or local path (default: embedded SmolLM2-135M-Instruct)")
+    d.add_argument("--methods", type=_methods, default=None, help="comma-separated method names (default: all)")
+    d.add_argument("--ratios", type=_ratios, default="0.5,0.875",
+                   help="fractions of the cache removed, each in [0, 1) (default: 0.5,0.875)")
+    d.add_argument("--length", type=_count(1, _LENGTH), default=4096, help="prompt length in tokens (default: 4096)")
+    d.add_argument("--depth", type=_fraction, default=0.5, help="needle depth in [0, 1] (default: 0.5)")
+    d.add_argument("--seed", type=_count(-(2**63), "a whole number"), default=0)
+    d.add_argument("--calibration", type=_text_source, default=None, help="text the calibrated methods (pca, "
+                   "matryoshka, elitekv) calibrate on, as in `compresskv bench`: a file or hf:NAME; without it they "
+                   "are skipped")
+    d.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    d.add_argument("--threads", type=_count(1, _THREADS), default=max(1, torch.get_num_threads()))
+    d.set_defaults(func=demo, parser=d)
     b = sub.add_parser(
         "bench",
         help="score every method at every ratio on long-context tasks vs DynamicCache; JSON lines, table, plot",
@@ -164,30 +287,60 @@ def build_parser() -> argparse.ArgumentParser:
         "$COMPRESSKV_CACHE/bench); minicache, which has no ratio, runs once at its defaults. Writes OUT.jsonl "
         "(resumable: rerunning skips finished rows), OUT.md and OUT.png.",
     )
-    b.add_argument("--model", default=None, help="hub id or local path (default: embedded SmolLM2-135M-Instruct)")
-    b.add_argument("--methods", default=None, help="comma-separated method names (default: all registered)")
-    b.add_argument("--ratios", default="0.5,0.75,0.875", help="compression ratios (default: 0.5,0.75,0.875)")
-    b.add_argument("--tasks", default=None, help="comma-separated: niah_single, niah_multikey, niah_multivalue, "
-                   "niah_multiquery, vt, cwe, perplexity (default: all six RULER-style tasks, plus perplexity with --text)")
-    b.add_argument("--length", type=int, default=4096, help="prompt (perplexity: prefix) length in tokens (default: 4096)")
-    b.add_argument("--seeds", default="0", help="comma-separated seeds, one prompt per task and seed (default: 0)")
-    b.add_argument("--text", default=None, help="text for perplexity: a file, or hf:NAME[:CONFIG[:SPLIT]] (datasets)")
-    b.add_argument("--calibration", default=None, help="text the calibrated methods (pca, matryoshka, elitekv) "
-                   "calibrate on: a file or hf:NAME (keep it apart from --text); without it they are skipped")
-    b.add_argument("--haystack", default=None, help="text file to hide needles in (default: RULER's noise sentences)")
-    b.add_argument("--continuation", type=int, default=512, help="perplexity: tokens scored after the prefix (default: 512)")
+    b.add_argument("--model", type=_model, default=None, help="hub id or local path (default: embedded SmolLM2-135M-Instruct)")
+    b.add_argument("--methods", type=_methods, default=None, help="comma-separated method names (default: all registered)")
+    b.add_argument("--ratios", type=_ratios, default="0.5,0.75,0.875",
+                   help="compression ratios, each in [0, 1) (default: 0.5,0.75,0.875)")
+    b.add_argument("--tasks", type=_tasks, default=None, help="comma-separated: niah_single, niah_multikey, "
+                   "niah_multivalue, niah_multiquery, vt, cwe, perplexity (default: all six RULER-style tasks, plus "
+                   "perplexity with --text)")
+    b.add_argument("--length", type=_count(1, _LENGTH), default=4096,
+                   help="prompt (perplexity: prefix) length in tokens (default: 4096)")
+    b.add_argument("--seeds", type=_seeds, default="0", help="comma-separated seeds, one prompt per task and seed (default: 0)")
+    b.add_argument("--text", type=_text_source, default=None,
+                   help="text for perplexity: a file, or hf:NAME[:CONFIG[:SPLIT]] (datasets)")
+    b.add_argument("--calibration", type=_text_source, default=None, help="text the calibrated methods (pca, "
+                   "matryoshka, elitekv) calibrate on: a file or hf:NAME (keep it apart from --text); without it "
+                   "they are skipped")
+    b.add_argument("--haystack", type=_haystack, default=None,
+                   help="text file to hide needles in (default: RULER's noise sentences)")
+    b.add_argument("--continuation", type=_count(1, "a number of tokens >= 1"), default=512,
+                   help="perplexity: tokens scored after the prefix (default: 512)")
     b.add_argument("--out", type=Path, default=Path("benchmarks/results/bench"), help="output stem (default: benchmarks/results/bench)")
-    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    b.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
-    b.set_defaults(func=bench)
+    b.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--threads", type=_count(1, _THREADS), default=max(1, torch.get_num_threads()))
+    b.set_defaults(func=bench, parser=b)
     return parser
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """What no single option shows: checked after parsing, still before any model is loaded."""
+    if args.command == "bench" and args.tasks and "perplexity" in args.tasks and not args.text:
+        args.parser.error("the perplexity task needs --text PATH (or hf:NAME)")
+
+
+def _check_needle_length(args: argparse.Namespace, tokenizer: Any) -> None:
+    """``demo --length`` below what the question itself takes would silently run a longer prompt."""
+    from .eval.needle import make_needle_task
+
+    shortest = make_needle_task(tokenizer, length=1, depth=args.depth, seed=args.seed).length
+    if args.length < shortest:
+        args.parser.error(f"argument --length: {args.length} is shorter than the needle question itself "
+                          f"({shortest} tokens with this model's tokenizer); give a length >= {shortest}, e.g. 4096")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``compresskv ARGS`` and return its exit status: 2, with a one-line message on stderr,
+    for a bad option (checked before any model is loaded)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    return int(args.func(args))
+    try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        _check_options(args)
+        return int(args.func(args))
+    except SystemExit as exit_:  # argparse's usage errors (and --help): the status, as the other outcomes
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover
