@@ -69,7 +69,8 @@ def make_cache(
 
     Sizes: ``kv_dim`` or ``cache_ratio`` (fraction of the original cache kept) or
     ``compression_ratio`` (= 1 − cache_ratio), with ``rope_pairs`` (default: about 3/8 of the
-    budget goes to the rotated key dims). ``svd="auto"``: activation-aware J-LRD when calibration
+    budget goes to the rotated key dims; ``compression_ratio=0`` keeps every pair and the full joint
+    rank, the original attention exactly, and needs no ranking). ``svd="auto"``: activation-aware J-LRD when calibration
     data is at hand (``calibration_texts``, or a ranking with activation statistics), else the
     paper's weight-only SVD. On an already converted model: no size options, or the same
     ones, just give a new cache; other sizes re-convert from the original weights when the model was
@@ -107,7 +108,7 @@ def make_cache(
     r, c = resolve_sizes(dims, rope_pairs, kv_dim, cache_ratio, compression_ratio)
     if isinstance(ranking, (str, Path)):
         ranking = FrequencyRanking.from_pretrained(ranking, model)
-    if selection in ("ropelite", "contribution") and ranking is None:
+    if selection in ("ropelite", "contribution") and ranking is None and r < dims["head_dim"] // 2:
         if calibration_texts is None:
             raise ValueError(
                 f"compresskv.elitekv: selection={selection!r} needs a frequency ranking: pass ranking=... "

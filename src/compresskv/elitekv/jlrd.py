@@ -99,7 +99,13 @@ def resolve_sizes(
     """``(rope_pairs, kv_dim)`` from ``kv_dim`` or a ratio (``cache_ratio`` = fraction of the original
     cache kept, ``compression_ratio`` = 1 − cache_ratio). With a ratio, the budget per token and layer
     is ``round(ratio · 2·H_kv·d)`` elements: ``2·r·H_kv`` rope dims, the rest latent (at most the
-    joint rank)."""
+    joint rank).
+
+    Without ``rope_pairs``: the whole budget (``cache_ratio=1``, ``compression_ratio=0``) keeps every
+    pair and the full joint rank, which is the original attention exactly (any pair left unrotated
+    changes it, whatever the rank); a smaller budget starts from :func:`default_rope_pairs` and adds
+    pairs while the latent, capped at its joint rank, would leave budget unused (models whose joint
+    rank is bounded by the hidden size, e.g. MHA), so the sizes use the budget asked for."""
     given = [n for n, v in (("kv_dim", kv_dim), ("cache_ratio", cache_ratio), ("compression_ratio", compression_ratio)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"compresskv.elitekv: give one of kv_dim, cache_ratio, compression_ratio, not {given}")
@@ -114,7 +120,15 @@ def resolve_sizes(
             raise ValueError(f"compresskv.elitekv: cache_ratio must be in (0, 1], got {cache_ratio!r}")
         full = 2 * dims["kv_heads"] * dims["head_dim"]
         budget = int(round(cache_ratio * full))
-        r = default_rope_pairs(dims["head_dim"], budget, dims["kv_heads"]) if rope_pairs is None else rope_pairs
+        half = dims["head_dim"] // 2
+        if rope_pairs is not None:
+            r = rope_pairs
+        elif budget >= full:
+            r = half  # nothing to compress: the original attention
+        else:
+            r = default_rope_pairs(dims["head_dim"], budget, dims["kv_heads"])
+            while r < half and budget - 2 * r * dims["kv_heads"] > joint_rank(dims, r):
+                r += 1  # the latent is capped: give the spare budget to rotated pairs
         check_sizes(dims, r, 1)  # rope_pairs first: the latent size depends on it
         c = min(budget - 2 * r * dims["kv_heads"], joint_rank(dims, r))
         if c < 1:
@@ -608,6 +622,8 @@ def convert(
             raise ValueError("compresskv.elitekv: pairs repeat a pair within a head")
         chosen = chosen.sort(dim=-1).values
         selection = "explicit"
+    elif r == dims["head_dim"] // 2:  # every pair: no selection (nor ranking) to make
+        chosen = torch.arange(r).expand(shape).clone()
     else:
         chosen = select_pairs(dims["layers"], dims["kv_heads"], dims["head_dim"] // 2, r, selection, rank)
     moments = None
