@@ -231,6 +231,28 @@ def text_config(model: torch.nn.Module) -> Any:
     return model.config.get_text_config(decoder=True)
 
 
+#: Model types with multi-head latent attention (also recognised by ``kv_lora_rank`` in the config).
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+
+
+def refuse_mla(model: torch.nn.Module, owner: str) -> None:
+    """Raise a ``ValueError`` for a model with multi-head latent attention (DeepSeek-V2/V3 and the
+    like), whose cache is not per-head keys and values."""
+    config = text_config(model)
+    rank = getattr(config, "kv_lora_rank", None)
+    model_type = getattr(config, "model_type", None)
+    if not rank and model_type not in MLA_MODEL_TYPES:
+        return
+    raise ValueError(
+        f"{owner}: {type(model).__name__} (model_type={model_type!r}) uses multi-head latent attention (MLA, "
+        f"kv_lora_rank={rank}, qk_rope_head_dim={getattr(config, 'qk_rope_head_dim', None)}): per token it computes one "
+        "compressed latent of kv_lora_rank dims and one RoPE key shared by all heads, and expands each head's keys "
+        "and values from them (recent transformers releases cache that latent and shared key rather than keys and "
+        "values); compresskv's caches store and compress per-KV-head keys and values, and do not support MLA models "
+        "yet. Use transformers' DynamicCache (the MLA latent is already a compressed cache)."
+    )
+
+
 class CompressedCache(Cache):
     """Base of compresskv's caches: a ``Cache`` whose full-attention layers are :class:`KVLayer`s.
 
@@ -243,6 +265,7 @@ class CompressedCache(Cache):
     method = "full"
 
     def __init__(self, model: torch.nn.Module) -> None:
+        refuse_mla(model, type(self).__name__)  # before switching the model's attention
         config = text_config(model)
         self.base_attention = _attention.install(model)
         plain = _plain_layers(model)

@@ -49,7 +49,7 @@ import torch
 from .. import attention as _attention
 from ..attention import AttentionCall
 from ..matryoshka import Projections, calibrate
-from .base import CacheStats, CompressedCache, KVLayer, tensor_bytes
+from .base import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
 from .latent import attention_with_lse
 
 MODES = ("projected", "projected_explicit", "reconstruct")
@@ -447,6 +447,7 @@ class MatryoshkaKVCache(CompressedCache):
         sink_tokens: int = 0,
     ) -> None:
         who = type(self).__name__
+        refuse_mla(model, who)
         if not isinstance(projections, Projections):
             raise ValueError(
                 f"{who}: needs projections= (compresskv.calibrate(model, texts, tokenizer=tok), optionally "
@@ -616,6 +617,7 @@ class PCAKVCache(MatryoshkaKVCache):
         seq_len: int = 512,
         max_windows: int | None = 32,
     ) -> None:
+        refuse_mla(model, type(self).__name__)  # before calibrating on it
         if projections is None:
             if texts is None:
                 raise ValueError(

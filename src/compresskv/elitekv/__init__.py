@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..cache.base import refuse_mla
 from ..cache.latent import EliteKVCache, EliteKVLayer, elitekv_spec
 from .jlrd import (
     ATTENTION_MODES,
@@ -76,6 +77,7 @@ def make_cache(
     ones, just give a new cache; other sizes re-convert from the original weights when the model was
     converted with ``keep_original=True`` and raise otherwise.
     """
+    refuse_mla(model, "compresskv.elitekv")
     dims = model_dims(model)
     sized = any(v is not None for v in (rope_pairs, kv_dim, cache_ratio, compression_ratio))
     if is_converted(model):
