@@ -31,7 +31,8 @@ fused kernel avoids): so this calls the ATen kernels behind it (see
 :func:`compresskv.cache.latent.attention_with_lse`). The explicit path
 (:meth:`ProjectedLayer.projected_attention`, forced by ``mode="projected_explicit"``) stays the
 reference, and runs where the fused one does not apply: on CPU (measured faster there, see
-:attr:`ProjectedLayer.fused_devices`), with sink tokens, for heads whose key ranks and value ranks
+:attr:`ProjectedLayer.fused_devices`), under ``eager`` attention (which returns the attention
+weights, ``[batch, q_heads, q_len, stored + q_len]``, for ``output_attentions=True``), with sink tokens, for heads whose key ranks and value ranks
 group them differently, and for shapes no fused kernel takes (on CUDA: ranks not a multiple of 8 in
 fp16/bf16, or of 4 in fp32).
 """
@@ -222,7 +223,8 @@ class ProjectedLayer(KVLayer):
                 f"compresskv: {type(module).__name__} uses attention sinks or logit soft-capping, which the "
                 "projected-space attention does not implement; use mode='reconstruct'."
             )
-        if (self.mode == "projected" and self.sink_k is None and self.factors.paired
+        # eager attention returns the weights (output_attentions), which only the explicit path forms
+        if (self.mode == "projected" and self.sink_k is None and self.factors.paired and call.base != "eager"
                 and call.query.device.type in self.fused_devices):
             out = self.projected_attention_sdpa(call)
             if out is not None:
@@ -290,11 +292,13 @@ class ProjectedLayer(KVLayer):
         out = out.view(bsz, n_kv, groups, q_len, dim).reshape(bsz, n_q, q_len, dim)
         return out.transpose(1, 2).contiguous(), None
 
-    def projected_attention(self, call: AttentionCall) -> tuple[torch.Tensor, None]:
+    def projected_attention(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention over the stored latents (projected space) and the new full-precision tokens:
         the explicit reference (logits, fp32 softmax, weighted latents).
 
-        Returns ``([batch, q_len, q_heads, d], None)`` like transformers' attention functions.
+        Returns ``([batch, q_len, q_heads, d], weights)`` like transformers' attention functions:
+        under ``eager`` attention (which returns them, for ``output_attentions=True``) the softmax
+        weights ``[batch, q_heads, q_len, stored + q_len]``, else ``None``.
         """
         f = self.factors
         query = call.query
@@ -327,7 +331,8 @@ class ProjectedLayer(KVLayer):
             error = self.sink_v - self._sink_reconstruction("v")
             out = out + torch.matmul(p_old.gather(-1, sink_at), error)
         out = out.view(bsz, n_kv, groups, q_len, dim).reshape(bsz, n_q, q_len, dim)
-        return out.transpose(1, 2).contiguous(), None
+        weights = probs.view(bsz, n_kv, groups, q_len, -1).reshape(bsz, n_q, q_len, -1) if call.base == "eager" else None
+        return out.transpose(1, 2).contiguous(), weights
 
     def _sink_reconstruction(self, name: str) -> torch.Tensor:
         """What the stored latents give back for the sink tokens, ``[batch, kv_heads, n, d]``."""
