@@ -371,7 +371,7 @@ def test_bad_xkv_options(options, words):
     (compresskv.SVDCache, dict(rank_k=33, rank_v=8), ["rank_k", "[1, 32]"]),
     (compresskv.MiniCache, dict(t=1.5), ["t", "[0, 1]"]),
     (compresskv.MiniCache, dict(gamma=-1), ["gamma", "[0, 1]"]),
-    (compresskv.MiniCache, dict(start_layer=1), ["group_size=2", "3 compressed layers", "last_group"]),
+    (compresskv.MiniCache, dict(start_layer=1), ["start_layer=1", "3 full-attention layers", "last_group"]),
 ])
 def test_bad_baseline_options(cls, options, words):
     model = tiny_model("llama", "sdpa")

@@ -197,14 +197,16 @@ def test_fused_at_full_rank_equals_dynamic_cache(keys):
 
 @pytest.mark.parametrize("keys", KEYS)
 def test_fused_several_new_tokens_at_once(keys):
-    """q_len > 1 after compression: causal among the new tokens, padding in the prefix and tail."""
+    """q_len > 1 after compression: causal among the new tokens, padding in the prefix and tail.
+    (After one decode step: a multi-token forward right after the prompt's would be chunked
+    prefill, which xKV refuses.)"""
     logits = {}
     for mode in ("rebuild", "fused"):
         model, ids, mask, pos, cache = prefilled(keys, read_mode=mode)
         new = torch.randint(3, 90, (3, 3), generator=torch.Generator().manual_seed(5))
         out = []
         with torch.no_grad():
-            for chunk in (new, new[:, :2]):  # 3 new tokens, then 2 more after them
+            for chunk in (new[:, :1], new, new[:, :2]):  # one decode step, 3 new tokens, then 2 more
                 mask = torch.cat([mask, torch.ones_like(chunk)], dim=-1)
                 pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(chunk.shape[1])], dim=-1)
                 step = model(

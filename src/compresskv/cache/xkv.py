@@ -38,9 +38,10 @@ from typing import Any, Literal
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .. import attention as _attention
 from ..attention import AttentionCall
 from ..kernels.xkv_decode import PrefixRope, merge_with_tail, triton_available, xkv_decode
-from .base import CacheStats, CompressedCache, KVLayer, _plain_layers, tensor_bytes, text_config
+from .base import CacheStats, CompressedCache, KVLayer, _plain_layers, refuse_mla, tensor_bytes, text_config
 
 KeysMode = Literal["pre_rope", "post_rope"]
 KEYS_MODES = ("pre_rope", "post_rope")
@@ -128,14 +129,19 @@ def ranks_for_ratio(
     From the bytes of a group of ``G`` layers, ``T·(r_k+r_v) + G·H·d·(r_k+r_v)`` against
     ``2·G·H·T·d`` uncompressed: ``r_k + r_v = ⌊(1−ratio)·2·G·H·T·d / (T + G·H·d)⌋``, split
     ``key_rank_fraction : 1 − key_rank_fraction`` (the paper's 2:3 by default). Each rank is at
-    least 1 and at most the matrix rank ``min(T, G·H·d)``.
+    least 1 and at most the matrix rank ``min(T, G·H·d)``; what one rank cannot take beyond that
+    bound goes to the other, so the ranks hold ``1 − ratio`` of the bytes up to one rank's worth.
+
+    Even full rank removes nothing at ``ratio = 0`` (the factors cost more than they save), so
+    :class:`XKVCache` stores the prompt uncompressed there instead of calling this.
     """
     width = group_len * kv_heads * head_dim
     total = math.floor((1.0 - compression_ratio) * 2 * width * tokens / (tokens + width) + 1e-9)
-    rank_k = max(1, int(round(total * key_rank_fraction)))
-    rank_v = max(1, total - rank_k)
     top = min(tokens, width)
-    return min(rank_k, top), min(rank_v, top)
+    rank_k = min(top, max(1, int(round(total * key_rank_fraction))))
+    rank_v = min(top, max(1, total - rank_k))
+    rank_k = min(top, max(rank_k, total - rank_v))  # keys take what the values could not
+    return rank_k, rank_v
 
 
 # -- RoPE and positions --------------------------------------------------------------------------
@@ -147,38 +153,62 @@ class RotaryTable:
     stored positions from the embedding's ``inv_freq`` and ``attention_scaling`` (checked against the
     model's own output at compression time); for rope types whose frequencies change with the
     length (``dynamic``, ``longrope``) the prefill's ``inv_freq`` is snapshotted and held.
+
+    A rotary embedding shared by several layer types, each with its own frequencies (Gemma3: one
+    ``rotary_emb`` with ``sliding_attention_inv_freq`` and ``full_attention_inv_freq``, called with
+    ``layer_type=``), is used for ``layer_type``: the type of the compressed layers.
     """
 
-    def __init__(self, model: torch.nn.Module, owner: str) -> None:
+    def __init__(self, model: torch.nn.Module, owner: str, layer_type: str | None = None) -> None:
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
         rotary = getattr(decoder, "rotary_emb", None)
         if rotary is None:
             rotary = getattr(model, "rotary_emb", None)
-        if rotary is None or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+        self.layer_type: str | None = None
+        if (rotary is not None and not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor)
+                and layer_type is not None and isinstance(getattr(rotary, f"{layer_type}_inv_freq", None), torch.Tensor)):
+            self.layer_type = layer_type  # one embedding, frequencies per layer type
+        if rotary is None or not isinstance(getattr(rotary, self._prefix + "inv_freq", None), torch.Tensor):
+            per_type = sorted(getattr(rotary, "layer_types", None) or []) if rotary is not None else []
+            found = f" (it has frequencies for layer types {per_type}, not {layer_type!r})" if per_type else ""
             raise ValueError(
                 f"{owner}: keys='pre_rope' needs the model's rotary embedding (a `rotary_emb` module with "
-                f"`inv_freq`), and {type(model).__name__} has none; use keys='post_rope'."
+                f"`inv_freq`, or `<layer_type>_inv_freq` for the compressed layers' type), and "
+                f"{type(model).__name__} has none{found}; use keys='post_rope'."
             )
         self.rotary = rotary
-        self.scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
-        rope_type = str(getattr(rotary, "rope_type", "default"))
+        self.scaling = float(getattr(rotary, self._prefix + "attention_scaling", 1.0) or 1.0)
+        rope_type = getattr(rotary, "rope_type", "default")
+        if isinstance(rope_type, dict):
+            rope_type = rope_type.get(self.layer_type, "default")
+        rope_type = str(rope_type)
         self.length_dependent = "dynamic" in rope_type or rope_type == "longrope"
         self.frozen_inv_freq: torch.Tensor | None = None
         self.owner = owner
 
+    @property
+    def _prefix(self) -> str:
+        return f"{self.layer_type}_" if self.layer_type is not None else ""
+
+    def _model_inv_freq(self) -> torch.Tensor:
+        return getattr(self.rotary, self._prefix + "inv_freq")
+
     def inv_freq(self) -> torch.Tensor:
-        return self.frozen_inv_freq if self.frozen_inv_freq is not None else self.rotary.inv_freq
+        return self.frozen_inv_freq if self.frozen_inv_freq is not None else self._model_inv_freq()
 
     def prefill_table(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``cos``/``sin`` ``[batch, T, d]`` of the prefill, from the model's own embedding,
         after checking that :meth:`table` reproduces them."""
         # The rotary module may sit on another device than the calling layer (device_map).
-        home = self.rotary.inv_freq.device
+        home = self._model_inv_freq().device
         probe = torch.empty(0, dtype=torch.float32, device=home)
-        cos, sin = self.rotary(probe, position_ids.to(home))
+        if self.layer_type is not None:
+            cos, sin = self.rotary(probe, position_ids.to(home), layer_type=self.layer_type)
+        else:
+            cos, sin = self.rotary(probe, position_ids.to(home))
         cos, sin = cos.to(position_ids.device, torch.float32), sin.to(position_ids.device, torch.float32)
         if self.length_dependent:
-            self.frozen_inv_freq = self.rotary.inv_freq.detach().clone()
+            self.frozen_inv_freq = self._model_inv_freq().detach().clone()
         mine_cos, mine_sin = self.table(position_ids)
         if mine_cos.shape != cos.shape or not (
             torch.allclose(mine_cos, cos, atol=1e-5, rtol=1e-5) and torch.allclose(mine_sin, sin, atol=1e-5, rtol=1e-5)
@@ -397,7 +427,9 @@ class _PrefixLayer(KVLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new tokens to the tail. Once compressed, this returns the tail and the new
         tokens only; :meth:`attend` reads the compressed prefix itself (compresskv's attention
-        function always routes this layer's attention there)."""
+        function always routes this layer's attention there). A further piece of a chunked prompt
+        is refused (see :meth:`_GroupedCache.check_not_chunked`)."""
+        self.cache.check_not_chunked(key_states.shape[-2], [self])
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         self.stored_before += self.prefix_len
         return keys, values
@@ -406,8 +438,15 @@ class _PrefixLayer(KVLayer):
         return self.prefix_len + super().stored()
 
     def compress(self, call: AttentionCall) -> None:
+        if not self.cache.compresses:
+            return  # compression_ratio=0: the prompt stays as it is, uncompressed
         self.cache._prefilled(self, call)
         self.group.layer_prefilled(call)
+
+    @property
+    def prompt_open(self) -> bool:
+        """Prefill ran, no single-token step yet: a multi-token forward now continues the prompt."""
+        return self.prefilled and not self.decoding
 
     def drop_prefix_tokens(self) -> None:
         """Forget the full prefill K/V once the group holds them compressed."""
@@ -798,6 +837,45 @@ class _GroupedCache(CompressedCache):
     def _prefilled(self, layer: _PrefixLayer, call: AttentionCall) -> None:
         """Called by every compressed layer after its prefill attention, before its group compresses."""
 
+    @property
+    def compresses(self) -> bool:
+        """Whether the prompt is compressed at all (``False`` for xKV/SVD at ``compression_ratio=0``)."""
+        return True
+
+    # -- chunked prefill ---------------------------------------------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Checked at every layer's update against the compressed layers this forward has not reached
+        # yet (their state is the forward's starting state), so a refused forward stops at its
+        # first layer, before any layer (compressed or not) stored a token of it.
+        if key_states.shape[-2] > 1 and self.compresses:
+            ahead = [x for x in self.layers[layer_idx:] if isinstance(x, _PrefixLayer)]
+            if ahead:
+                self.check_not_chunked(key_states.shape[-2], ahead)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def check_not_chunked(self, q_len: int, layers: "list[_PrefixLayer]") -> None:
+        """Refuse a multi-token forward while the prompt is still open (after prefill, before any
+        single-token step): the prompt was compressed once, after its first forward, so a further
+        piece (``generate(prefill_chunk_size=...)``) would silently stay uncompressed. A
+        multi-token forward after a decode step is a new turn, appended uncompressed as decoded
+        tokens are."""
+        if q_len <= 1 or not self.compresses or not any(x.prompt_open for x in layers):
+            return
+        _attention.clear_pending()
+        name = type(self).__name__
+        seen = max(x.seen for x in layers)
+        raise ValueError(
+            f"{name}: chunked prefill (generate(prefill_chunk_size=...), or a further multi-token forward of "
+            f"{q_len} tokens after the prompt's first {seen} and before any single-token decode step) is not "
+            f"supported: {name} compresses the whole prompt once, right after its prefill forward, and stores "
+            "later tokens uncompressed, so the later chunks would silently stay uncompressed. Feed the prompt in "
+            "one forward (leave prefill_chunk_size unset), or use an eviction method (PyramidKVCache, SnapKVCache, "
+            "StreamingLLMCache), which supports chunked prefill. A multi-token forward after a decode step (a new "
+            "turn) is fine."
+        )
+
     # -- measurement -----------------------------------------------------------------------
     def shared_tensors_nbytes(self) -> int:
         """Bytes held once per cache (positions, RoPE state)."""
@@ -895,6 +973,7 @@ class XKVCache(_GroupedCache):
         compression_ratio: instead of ranks, the fraction of the compressed layers' K/V bytes removed
             (kvpress convention: ``0.875`` is 8× smaller), in [0, 1); ranks are derived per prompt
             from the bytes formula (:func:`ranks_for_ratio`), keys getting ``key_rank_fraction`` of it.
+            ``0`` compresses nothing: the prompt is stored as it is (exactly ``DynamicCache``).
         start_layer: first model layer compressed (negative counts from the end). Layers outside
             ``start_layer..end_layer`` stay uncompressed; only full-attention layers are ever compressed.
         end_layer: last model layer compressed (inclusive; ``-1`` is the last).
@@ -937,6 +1016,7 @@ class XKVCache(_GroupedCache):
         read_mode: str = "auto",
     ) -> None:
         owner = type(self).__name__
+        refuse_mla(model, owner)  # before the options, which would be judged against the wrong shapes
         if read_mode not in READ_MODES:
             raise ValueError(f"{owner}: read_mode must be one of {list(READ_MODES)}, got {read_mode!r}.")
         self.read_mode = read_mode
@@ -981,11 +1061,25 @@ class XKVCache(_GroupedCache):
         self.compression_ratio, self.keys_mode, self.svd_solver = compression_ratio, keys, svd_solver
         self.key_rank_fraction = float(key_rank_fraction)
         self._setup_groups(model, start_layer, end_layer, group_size, remainder)
-        self.rope = RotaryTable(model, owner) if keys == "pre_rope" else None
+        self.rope = RotaryTable(model, owner, self._layer_type(config)) if keys == "pre_rope" else None
         super().__init__(model)
 
     def _new_group(self, layer_ids: list[int]) -> _Group:
         return _XKVGroup(self, layer_ids)
+
+    def _layer_type(self, config: Any) -> str | None:
+        """The ``config.layer_types`` entry of the compressed layers (``None`` without layer types)."""
+        types = getattr(config, "layer_types", None)
+        if not types:
+            return None
+        found = {types[i] for group in self.group_plan for i in group}
+        return found.pop() if len(found) == 1 else None
+
+    @property
+    def compresses(self) -> bool:
+        """``False`` at ``compression_ratio=0``: the prompt is then stored uncompressed (a
+        factorisation at full rank would hold more bytes than the keys and values themselves)."""
+        return self.compression_ratio != 0
 
     def _new_layer(self, group: _Group) -> KVLayer:
         return XKVLayer(self, group)  # type: ignore[arg-type]
@@ -1030,7 +1124,8 @@ class XKVCache(_GroupedCache):
         return out
 
     def _extra_stats(self) -> dict[str, Any]:
-        return {"group_size": self.group_size, "svd_solver": self.svd_solver, "read_mode": self.read_mode}
+        return {"group_size": self.group_size, "svd_solver": self.svd_solver, "read_mode": self.read_mode,
+                "compression_ratio": self.compression_ratio, "compresses": self.compresses}
 
 
 class SVDCache(XKVCache):
@@ -1252,20 +1347,80 @@ class MiniCache(_GroupedCache):
         remainder: str = "error",
     ) -> None:
         owner = type(self).__name__
+        refuse_mla(model, owner)
         if not (_is_number(t) and 0.0 <= t <= 1.0):
             raise ValueError(f"{owner}: t is the SLERP weight and must be in [0, 1], got {t!r}.")
         if not (_is_number(gamma) and 0.0 <= gamma <= 1.0):
             raise ValueError(f"{owner}: gamma is the retention threshold and must be in [0, 1], got {gamma!r}.")
-        n_layers = text_config(model).num_hidden_layers
-        if start_layer is None:
-            start_layer = n_layers // 2
-            if _is_int(end_layer) and -n_layers <= end_layer < n_layers:
-                if ((end_layer % n_layers) - start_layer + 1) % 2:
-                    start_layer += 1
+        if remainder not in REMAINDERS:
+            raise ValueError(f"{owner}: remainder must be one of {list(REMAINDERS)}, got {remainder!r}.")
+        start = self._pair_range(model, start_layer, end_layer, remainder)
         self.t, self.gamma = float(t), float(gamma)
         self.keys_mode = "post_rope"
-        self._setup_groups(model, start_layer, end_layer, 2, remainder)
+        self._setup_groups(model, start, end_layer, 2, remainder)
         super().__init__(model)
+
+    def _pair_range(self, model: torch.nn.Module, start_layer: Any, end_layer: Any, remainder: str) -> int:
+        """The first merged layer, after checking that ``start_layer..end_layer`` holds layers to
+        pair; errors name MiniCache's own options (it has no ``group_size``: pairs are fixed)."""
+        owner = type(self).__name__
+        n_layers = text_config(model).num_hidden_layers
+        for name, value in (("start_layer", start_layer), ("end_layer", end_layer)):
+            if name == "start_layer" and value is None:
+                continue
+            if not _is_int(value) or not -n_layers <= value < n_layers:
+                raise ValueError(
+                    f"{owner}: {name} must be a layer index in [0, {n_layers}) (negative counts from the end)"
+                    f"{' or None (the middle layer)' if name == 'start_layer' else ''}, got {value!r}."
+                )
+        end = end_layer % n_layers
+        end_name = f"end_layer={end_layer}" + (f" (layer {end})" if end_layer < 0 else "")
+        full = full_attention_layers(model)
+        upto = [i for i in full if i <= end]
+        if len(upto) < 2:
+            raise ValueError(
+                f"{owner}: {end_name} leaves {len(upto)} full-attention layer{'' if len(upto) == 1 else 's'} "
+                f"{upto} up to it, and layers are merged in pairs: choose an end_layer in [{full[1] if len(full) > 1 else n_layers}, "
+                f"{n_layers}) (layer indices; negative counts from the end)."
+            )
+        if start_layer is None:
+            middle = n_layers // 2
+            start = middle
+            chosen = [i for i in full if middle <= i <= end]
+            if len(chosen) % 2 and len(chosen) >= 3:
+                start = chosen[1]  # an even number of layers from just past the middle
+            elif len(chosen) < 2:
+                start = upto[-2]  # the last pair up to end_layer
+                if len(chosen) == 0:  # end_layer before the middle: say so rather than move that far
+                    raise ValueError(
+                        f"{owner}: {end_name} comes before the default start_layer, the middle layer ({middle}; "
+                        f"MiniCache merges from the middle of the model on): pass start_layer <= {start} too, or "
+                        f"an end_layer >= {middle}."
+                    )
+            where = f"start_layer={start} (the default) to {end_name}"
+        else:
+            start = start_layer % n_layers
+            if start > end:
+                raise ValueError(
+                    f"{owner}: start_layer={start_layer} comes after end_layer={end_layer}; choose "
+                    f"start_layer < end_layer (layer indices in [0, {n_layers}))."
+                )
+            where = f"start_layer={start_layer} to {end_name}"
+        chosen = [i for i in full if start <= i <= end]
+        if len(chosen) < 2:
+            raise ValueError(
+                f"{owner}: layers are merged in pairs, and {where} holds only {len(chosen)} "
+                f"full-attention layer{'' if len(chosen) == 1 else 's'} {chosen}; widen the range with "
+                f"start_layer/end_layer (layer indices in [0, {n_layers}), at least two full-attention layers)."
+            )
+        if len(chosen) % 2 and remainder == "error":
+            raise ValueError(
+                f"{owner}: layers are merged in pairs, and {where} holds {len(chosen)} "
+                f"full-attention layers ({chosen[0]}..{chosen[-1]}), an odd number; choose start_layer/end_layer "
+                f"covering an even number (e.g. start_layer={chosen[1]} or end_layer={chosen[-2]}), or pass "
+                "remainder='last_group' to leave the last one unmerged."
+            )
+        return start
 
     def _new_group(self, layer_ids: list[int]) -> _Group:
         return _MiniGroup(self, layer_ids)
