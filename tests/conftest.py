@@ -76,8 +76,15 @@ def batch_inputs(batch: int, length: int = 48, seed: int = 1):
     return ids, mask
 
 
-def greedy(model, ids, mask, cache, new_tokens: int = 6):
-    out = model.generate(
+def greedy(model, ids, mask, cache, new_tokens: int = 6, chunk: int | None = None, **extra):
+    """Greedy tokens and logits; the prompt fed ``chunk`` tokens at a time (``None``: at once)."""
+    out = generate_output(model, ids, mask, cache, new_tokens, chunk, **extra)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def generate_output(model, ids, mask, cache, new_tokens: int = 6, chunk: int | None = None, **extra):
+    """``generate``'s whole output (greedy, exactly ``new_tokens``, logits kept)."""
+    return model.generate(
         input_ids=ids,
         attention_mask=mask,
         **kv(cache),
@@ -87,8 +94,9 @@ def greedy(model, ids, mask, cache, new_tokens: int = 6):
         output_logits=True,
         return_dict_in_generate=True,
         pad_token_id=0,
+        prefill_chunk_size=chunk,
+        **extra,
     )
-    return out.sequences, torch.stack(out.logits, dim=1)
 
 
 def load_benchmark(name: str):

@@ -13,7 +13,7 @@ import torch
 
 import compresskv
 from compresskv.cache.eviction import ratio_budget
-from conftest import VOCAB, batch_inputs, dynamic, kv, tiny_model
+from conftest import greedy, VOCAB, batch_inputs, dynamic, kv, tiny_model
 
 CHUNK = 16
 LENGTH = 80  # five chunks of 16
@@ -21,19 +21,7 @@ LENGTH = 80  # five chunks of 16
 
 def generate(model, ids, mask, cache, new_tokens: int = 6, chunk: int | None = CHUNK):
     """Greedy tokens and logits, the prompt fed ``chunk`` tokens at a time (``None``: at once)."""
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        **kv(cache),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-        prefill_chunk_size=chunk,
-    )
-    return out.sequences, torch.stack(out.logits, dim=1)
+    return greedy(model, ids, mask, cache, new_tokens, chunk)
 
 
 def padded_inputs(pads: list[int], length: int = LENGTH, seed: int = 3):

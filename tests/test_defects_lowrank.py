@@ -13,30 +13,13 @@ import compresskv
 from compresskv import elitekv
 from compresskv.attention import base_of
 from compresskv.cache.xkv import XKVLayer, ranks_for_ratio
-from conftest import VOCAB, batch_inputs, dynamic, greedy, kv, tiny_model
+from conftest import generate_output as generate, VOCAB, batch_inputs, dynamic, greedy, kv, tiny_model
 
 HEAD_DIM = 16
 
 
 def calib_ids(n: int = 4, length: int = 48, seed: int = 2) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def generate(model, ids, mask, cache, new_tokens: int = 6, chunk: int | None = None, **extra):
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        **kv(cache),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-        prefill_chunk_size=chunk,
-        **extra,
-    )
-    return out
 
 
 def max_diff(a, b) -> float:

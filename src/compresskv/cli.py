@@ -75,15 +75,19 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _known(text: str, known: list[str], what: str) -> list[str]:
+    """``text`` as a comma-separated list of names from ``known`` (``what``: "method", "task")."""
+    names = _listed(text, f"comma-separated {what} names from {', '.join(known)}")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
+
+
 def _methods(text: str) -> list[str]:
     from . import available_methods
 
-    known = available_methods()
-    methods = _listed(text, f"comma-separated method names from {', '.join(known)}")
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    return methods
+    return _known(text, available_methods(), "method")
 
 
 def _all_tasks() -> list[str]:
@@ -94,12 +98,7 @@ def _all_tasks() -> list[str]:
 
 
 def _tasks(text: str) -> list[str]:
-    known = _all_tasks()
-    tasks = _listed(text, f"comma-separated task names from {', '.join(known)}")
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    return tasks
+    return _known(text, _all_tasks(), "task")
 
 
 def _text_source(text: str) -> str:
