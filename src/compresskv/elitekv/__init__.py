@@ -43,7 +43,8 @@ from .jlrd import (
     revert,
 )
 from .ranking import SELECTIONS, FrequencyRanking, input_moments, rank_frequencies, select_pairs
-from .support import SUPPORTED_FAMILIES, check_supported, is_converted, model_dims
+from ..core.facts import model_dims
+from .support import SUPPORTED_FAMILIES, check_supported, is_converted
 from .uptrain import UptrainConfig, uptrain
 
 

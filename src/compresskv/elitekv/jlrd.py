@@ -44,8 +44,10 @@ from torch import nn
 
 from .. import compat
 from ..cache.latent import EliteKVCache, fused_sdpa_ok
+from ..core.facts import model_dims, text_config
+from ..core.rope import rotate_half
 from .ranking import SELECTIONS, FrequencyRanking, input_moments, select_pairs
-from .support import attention_modules, check_supported, decoder_layers, is_converted, model_dims, text_config
+from .support import attention_modules, check_supported, decoder_layers, is_converted
 
 SVD_MODES = ("auto", "weight", "activation")
 ATTENTION_MODES = ("auto", "absorb", "absorb_explicit", "reconstruct")
@@ -221,11 +223,6 @@ def jlrd_weights(
 
 
 # -- attention -------------------------------------------------------------------------------------
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def additive_mask(mask: Any, bsz: int, q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     """Any transformers attention mask (eager float, sdpa bool, flash 2-D padding, ``None``, or
     compresskv's bundle) as an additive float mask broadcastable to ``[batch, heads, q, kv]``."""
@@ -345,9 +342,9 @@ class EliteKVAttention(nn.Module):
             kv_idx, q_idx = self._rope_index(cos.device)
             ck, sk = cos[:, :, kv_idx].transpose(1, 2), sin[:, :, kv_idx].transpose(1, 2)
             cq, sq = cos[:, :, q_idx].transpose(1, 2), sin[:, :, q_idx].transpose(1, 2)
-            k_rope = k_rope * ck + _rotate_half(k_rope) * sk
+            k_rope = k_rope * ck + rotate_half(k_rope) * sk
             q_rope = query[..., :r2]
-            query = torch.cat([q_rope * cq + _rotate_half(q_rope) * sq, query[..., r2:]], dim=-1)
+            query = torch.cat([q_rope * cq + rotate_half(q_rope) * sq, query[..., r2:]], dim=-1)
         if cache is not None:
             _check_cache(cache)
             k_rope, latent = cache.update(k_rope, latent, self.layer_idx)

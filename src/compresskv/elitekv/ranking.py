@@ -25,7 +25,9 @@ from typing import Any
 import torch
 
 from ..calibration import Artifact, Texts, calibration_windows, config_hash, model_name
-from .support import attention_modules, check_supported, model_dims
+from ..core.facts import model_dims
+from ..core.rope import rotate_half
+from .support import attention_modules, check_supported
 
 SELECTIONS = ("ropelite", "contribution", "uniform", "low_frequency")
 """``ropelite``: the greedy order; ``contribution``: highest mean |pair term| first; ``uniform``:
@@ -99,11 +101,6 @@ def select_pairs(
     return ranking.order(selection)[..., :rope_pairs].sort(dim=-1).values
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _causal_samples(seq_len: int, n: int | None, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(query, key) positions with key ≤ query: all of them (``n`` None or too big) or ``n`` drawn
     uniformly over the causal triangle."""
@@ -148,7 +145,7 @@ class _Collector:
             q = torch.nn.functional.linear(x, wq, None if bq is None else bq.float()).view(seq, hq, d)
             k = torch.nn.functional.linear(x, wk, None if bk is None else bk.float()).view(seq, hkv, d)
             c, s = cos[0].float()[:, None, :], sin[0].float()[:, None, :]
-            qr, kr = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+            qr, kr = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
             qi, ki = self.positions
             qi, ki = qi.to(x.device), ki.to(x.device)
             kv_of = torch.arange(hq, device=x.device) // g

@@ -6,15 +6,12 @@ from typing import Any
 
 import torch
 
+from ..core.facts import model_dims, text_config
+
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 """Model types whose attention is the standard RoPE attention EliteKV converts: separate q/k/v/o
 linear projections, RoPE on every dim (rotate_half layout), no query/key normalisation, every layer
 full attention."""
-
-
-def text_config(model: Any) -> Any:
-    config = model.config
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -32,21 +29,6 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Each decoder layer's ``self_attn``."""
     return [layer.self_attn for layer in decoder_layers(model)]
-
-
-def model_dims(model: torch.nn.Module) -> dict[str, int]:
-    """``hidden``, ``heads``, ``kv_heads``, ``head_dim`` and ``layers`` of a model's text config."""
-    config = text_config(model)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return {
-        "hidden": int(config.hidden_size),
-        "heads": int(heads),
-        "kv_heads": int(kv_heads),
-        "head_dim": int(head_dim),
-        "layers": int(config.num_hidden_layers),
-    }
 
 
 def is_converted(model: torch.nn.Module) -> bool:

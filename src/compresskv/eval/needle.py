@@ -118,9 +118,6 @@ def run_needle(
 
 def dynamic_cache_nbytes(cache: Any) -> int:
     """Bytes held by a transformers ``DynamicCache``."""
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    from ..cache.base import tensor_bytes
+
+    return sum(tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers)
