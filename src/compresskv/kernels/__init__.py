@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from .xkv_decode import (
     PrefixRope,
-    compressed_nbytes,
     decode_flops,
     merge_with_tail,
     tail_mask,
@@ -19,7 +18,6 @@ from .xkv_decode import (
 
 __all__ = [
     "PrefixRope",
-    "compressed_nbytes",
     "decode_flops",
     "merge_with_tail",
     "tail_mask",

@@ -556,14 +556,8 @@ def merge_with_tail(
     return out.to(query_groups.dtype)
 
 
-def compressed_nbytes(*tensors: torch.Tensor | None) -> int:
-    """Bytes of the compressed tensors one fused read streams (latents and factors)."""
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 __all__ = [
     "PrefixRope",
-    "compressed_nbytes",
     "decode_flops",
     "merge_with_tail",
     "tail_mask",
