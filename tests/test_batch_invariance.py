@@ -38,6 +38,8 @@ SETTINGS: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]]] = {
     "pyramidkv-ratio": ("pyramidkv", lambda m: dict(compression_ratio=0.75, window_size=4)),
     "streamingllm-window": ("streamingllm", lambda m: dict(sink=4, window=16)),
     "streamingllm-ratio": ("streamingllm", lambda m: dict(compression_ratio=0.5)),
+    "knorm-ratio": ("knorm", lambda m: dict(compression_ratio=0.5)),
+    "knorm-budget-window": ("knorm", lambda m: dict(budget=20, window_size=4)),
     "matryoshka": ("matryoshka", lambda m: dict(projections=_projections(m), compression_ratio=0.5)),
     "pca": ("pca", lambda m: dict(projections=_projections(m), compression_ratio=0.5)),
     "xkv-ratio": ("xkv", lambda m: dict(compression_ratio=0.5)),

@@ -20,6 +20,7 @@ from .cache import (
     CacheStats,
     CompressedCache,
     EliteKVCache,
+    KnormCache,
     KVLayer,
     MatryoshkaKVCache,
     MiniCache,
@@ -38,6 +39,7 @@ from .patching import available_methods, make_cache, method_options, patch, regi
 for _name, _factory in {
     "pyramidkv": PyramidKVCache,
     "snapkv": SnapKVCache,
+    "knorm": KnormCache,
     "streamingllm": StreamingLLMCache,
     "matryoshka": MatryoshkaKVCache,
     "pca": PCAKVCache,
@@ -57,6 +59,7 @@ __all__ = [
     "CompressedCache",
     "EliteKVCache",
     "KVLayer",
+    "KnormCache",
     "MatryoshkaKVCache",
     "PCAKVCache",
     "Projections",

@@ -9,6 +9,7 @@ from .eviction import (
     StreamingLLMCache,
     pyramid_budgets,
 )
+from .knorm import KnormCache
 from .projected import MatryoshkaKVCache, PCAKVCache, ProjectedLayer, ProjectedStats
 from .latent import EliteKVCache, EliteKVLayer
 from .xkv import LowRankStats, MiniCache, SVDCache, XKVCache
@@ -21,6 +22,7 @@ __all__ = [
     "EvictionCache",
     "EvictionLayer",
     "KVLayer",
+    "KnormCache",
     "MatryoshkaKVCache",
     "PCAKVCache",
     "ProjectedLayer",

@@ -1,0 +1,43 @@
+"""K-norm eviction (Devoto et al., arXiv 2406.11430; kvpress's KnormPress): keep the keys with the
+lowest L2 norm, which the paper finds draw the most attention. Needs no query, so it is the
+cheapest scorer; everything else (budgets per row, padding, chunked prefill, batches) is the
+eviction base's."""
+
+from __future__ import annotations
+
+import torch
+
+from .eviction import EvictionCache
+
+
+class KnormCache(EvictionCache):
+    """Keep, per layer and KV head, the prompt tokens whose keys have the lowest L2 norm.
+
+    Args:
+        model: the transformers model the cache is for (its attention is switched to compresskv's).
+        budget: tokens kept per layer and KV head (window included); must exceed ``window_size``.
+        compression_ratio: instead of ``budget``, the fraction of prompt tokens evicted, in [0, 1).
+        window_size: most recent prompt tokens always kept (0, the paper's setting: none).
+    """
+
+    method = "knorm"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        budget: int | None = None,
+        compression_ratio: float | None = None,
+        window_size: int = 0,
+    ) -> None:
+        if not isinstance(window_size, int) or window_size < 0:
+            raise ValueError(f"KnormCache: window_size must be an int >= 0, got {window_size!r}.")
+        super().__init__(model, budget=budget, compression_ratio=compression_ratio, window_size=window_size)
+
+    def scores(
+        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float
+    ) -> torch.Tensor:
+        # RoPE rotates pairs of dims, so the stored (rotated) keys have their pre-RoPE norms.
+        scores = -keys[:, :, : keys.shape[2] - window].float().norm(dim=-1)
+        if valid is not None:
+            scores = scores.masked_fill(~valid[..., : scores.shape[-1]].to(torch.bool), float("-inf"))
+        return scores
