@@ -15,6 +15,12 @@ so prefill attention always runs on the full, uncompressed keys and values.
 Layers that are not compressed (sliding-window layers, plain ``DynamicCache``) get the base mask
 and the base function untouched: a model with compresskv's attention installed computes exactly
 what it computed before.
+
+The attention function finds a compressed layer by the attention module's ``layer_idx``: the
+layer's ``update()`` records itself for its model layer (:func:`mark_pending`, per thread), and
+the next attention call of the module with that index takes it. The tensors the model passes need
+not be the ones ``update()`` returned (a model may copy, cast or expand them). This module imports
+no cache module; it knows a layer by the :class:`HookedLayer` protocol, and the caches import it.
 """
 
 from __future__ import annotations
@@ -23,25 +29,43 @@ import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .cache.base import KVLayer
 
 PREFIX = "compresskv_"
 BASE_BACKENDS = ("eager", "sdpa", "flash_attention_2")
 
-_pending = threading.local()
+_state = threading.local()
 
 
-def mark_pending(layer: "KVLayer", keys: torch.Tensor) -> None:
-    """Record that ``layer`` just returned ``keys`` from ``update()``; the attention call that
-    receives this very tensor belongs to that layer."""
-    previous = getattr(_pending, "entry", None)
+class HookedLayer(Protocol):
+    """What compresskv's attention function needs of a cache layer (``KVLayer`` implements it).
+
+    The hook depends on this protocol only, never on the cache modules, which import the hook."""
+
+    stored_before: int
+    valid: torch.Tensor | None
+
+    def check_model(self, module: torch.nn.Module) -> None: ...
+
+    def row_validity(self, stored: int) -> torch.Tensor | None: ...
+
+    def attend(self, call: "AttentionCall", fn: Callable[..., Any]) -> tuple[torch.Tensor, Any]: ...
+
+    def after_attention(self, call: "AttentionCall") -> None: ...
+
+
+def mark_pending(layer_idx: int, layer: HookedLayer) -> None:
+    """Record that the cache layer of model layer ``layer_idx`` was just updated: the next attention
+    call of the module with that ``layer_idx`` belongs to it (per thread).
+
+    A layer is always attended before the next layer is updated, so at most one is pending; one
+    still pending here (and still alive) was updated but never attended through compresskv's
+    attention function, which is an error."""
+    previous = getattr(_state, "pending", None)
+    _state.pending = None
     if previous is not None and previous[1]() is not None:
-        _pending.entry = None
         raise RuntimeError(
             "compresskv: a compressed cache layer was updated but its attention never ran through "
             "compresskv's attention function, so nothing was compressed and its mask would be wrong. "
@@ -49,23 +73,21 @@ def mark_pending(layer: "KVLayer", keys: torch.Tensor) -> None:
             "the cache is used with another model than the one it was built for. Create one cache per "
             "model (or call compresskv.patch), after choosing the attention implementation."
         )
-    _pending.entry = (layer, weakref.ref(keys))
+    _state.pending = (layer_idx, weakref.ref(layer))
 
 
-def _take_pending(key: torch.Tensor) -> "KVLayer | None":
-    entry = getattr(_pending, "entry", None)
-    if entry is None:
+def _take_pending(module: torch.nn.Module) -> HookedLayer | None:
+    """The layer pending for ``module.layer_idx``, taken (``None`` when there is none)."""
+    entry = getattr(_state, "pending", None)
+    if entry is None or entry[0] != getattr(module, "layer_idx", None):
         return None
-    layer, ref = entry
-    if ref() is key:
-        _pending.entry = None
-        return layer
-    return None
+    _state.pending = None
+    return entry[1]()
 
 
 def clear_pending() -> None:
     """Forget a pending layer (used after a forward that raised)."""
-    _pending.entry = None
+    _state.pending = None
 
 
 @dataclass
@@ -132,14 +154,14 @@ def _base_attention(base: str, module: torch.nn.Module) -> Callable[..., Any]:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
-def _layer_mask(layer: "KVLayer", call: "AttentionCall", base_mask: Any) -> Any:
+def _layer_mask(layer: HookedLayer, call: "AttentionCall") -> Any:
     """The mask of a compressed layer: its stored tokens' validity, then causal over the new ones."""
     query, new_valid = call.query, call.new_valid
     bsz, n_heads, q_len, _ = query.shape
     stored = layer.stored_before
     if stored == 0 and layer.valid is None:
         # Nothing stored yet (prefill): transformers' own mask is exactly right.
-        return base_mask
+        return call.base_mask
     device = query.device
     if call.base.startswith("flash"):
         # Flash attention takes a 2-D padding mask and unpads wherever the holes are.
@@ -165,15 +187,20 @@ def _layer_mask(layer: "KVLayer", call: "AttentionCall", base_mask: Any) -> Any:
     return mask
 
 
+_UNBUILT = object()
+
+
 @dataclass
 class AttentionCall:
     """One attention call of a compressed layer, as compresskv's attention function saw it.
 
     ``query`` is post-RoPE, ``[batch, q_heads, q_len, head_dim]``; ``key``/``value`` are what the
-    layer's ``update()`` returned; ``pad2d`` is the ``[batch, seen + q_len]`` padding mask (or
+    model passed to the attention function (what the layer's ``update()`` returned, unless the model
+    transformed it on the way); ``pad2d`` is the ``[batch, seen + q_len]`` padding mask (or
     ``None``); ``new_valid`` is the ``[batch, q_len]`` validity of the new tokens, ``None`` when
     all are real; ``kwargs`` are the model's extra attention arguments (``position_ids`` among
-    them for the standard decoder layers).
+    them for the standard decoder layers). :attr:`mask` is the layer's mask for the base backend,
+    built on first use only (a layer that attends in its own way never pays for it).
     """
 
     module: torch.nn.Module
@@ -185,10 +212,28 @@ class AttentionCall:
     base: str
     kwargs: dict[str, Any]
     new_valid: torch.Tensor | None = None
+    layer: HookedLayer | None = field(default=None, repr=False)
+    attention_mask: Any = field(default=None, repr=False)  # what the model passed (a MaskBundle, say)
+    _mask: Any = field(default=_UNBUILT, repr=False)
 
     @property
     def position_ids(self) -> torch.Tensor | None:
         return self.kwargs.get("position_ids")
+
+    @property
+    def base_mask(self) -> Any:
+        """The base backend's mask for this forward (on this layer's device)."""
+        mask = self.attention_mask
+        return mask.base_on(self.query.device) if isinstance(mask, MaskBundle) else mask
+
+    @property
+    def mask(self) -> Any:
+        """The mask to hand the base backend for this layer: its stored tokens' validity, then
+        causal over the new ones (:attr:`base_mask` for a call without a layer). Built once, on
+        first use."""
+        if self._mask is _UNBUILT:
+            self._mask = self.base_mask if self.layer is None else _layer_mask(self.layer, self)
+        return self._mask
 
 
 def _make_attention(base: str) -> Callable[..., Any]:
@@ -200,7 +245,7 @@ def _make_attention(base: str) -> Callable[..., Any]:
         attention_mask: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
-        layer = _take_pending(key)
+        layer = _take_pending(module)
         bundle = attention_mask if isinstance(attention_mask, MaskBundle) else None
         fn = _base_attention(base, module)
         device = query.device  # the layer's device: masks follow it under a multi-device device_map
@@ -224,9 +269,10 @@ def _make_attention(base: str) -> Callable[..., Any]:
             base,
             kwargs,
             bundle.new_valid(query.shape[-2], device) if bundle is not None else None,
+            layer,
+            attention_mask,
         )
-        mask = _layer_mask(layer, call, bundle.base_on(device) if bundle is not None else attention_mask)
-        out = layer.attend(call, fn, mask)
+        out = layer.attend(call, fn)
         layer.after_attention(call)
         return out
 
@@ -237,7 +283,7 @@ def _make_attention(base: str) -> Callable[..., Any]:
 def note_mask_for_compressed_cache() -> None:
     """Called by a compresskv cache when transformers sizes a mask from it: the mask function
     that follows hands compresskv's attention a :class:`MaskBundle`."""
-    _pending.bundle = True
+    _state.bundle = True
 
 
 def _make_mask(base: str) -> Callable[..., Any]:
@@ -245,11 +291,11 @@ def _make_mask(base: str) -> Callable[..., Any]:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
         fn = ALL_MASK_ATTENTION_FUNCTIONS[base]
-        if not getattr(_pending, "bundle", False):
+        if not getattr(_state, "bundle", False):
             # No compresskv cache in this forward (a StaticCache, say, whose mask generate() builds
             # ahead and the model then takes as is): transformers' own mask, a plain tensor.
             return fn(**kwargs)
-        _pending.bundle = False
+        _state.bundle = False
         return MaskBundle(fn, kwargs, kwargs.get("attention_mask"))
 
     mask_function.__name__ = f"{PREFIX}{base}_mask"

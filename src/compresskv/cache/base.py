@@ -40,7 +40,8 @@ class KVLayer(CacheLayerMixin):
 
     def __init__(self) -> None:
         super().__init__()
-        self.valid: torch.Tensor | None = None
+        self.valid = None
+        self.layer_idx: int | None = None  # the model layer it caches; set by CompressedCache
         self.seen = 0
         self.stored_before = 0
         self.prefilled = False
@@ -72,14 +73,32 @@ class KVLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
-        _attention.mark_pending(self, self.keys)
+        self.mark_pending()
         return self.keys, self.values
 
-    def attend(self, call: AttentionCall, fn: Any, mask: Any) -> tuple[torch.Tensor, Any]:
+    def mark_pending(self) -> None:
+        """Tell compresskv's attention function that the next attention call of model layer
+        :attr:`layer_idx` is this layer's (``update()`` calls it; see :mod:`compresskv.attention`)."""
+        if self.layer_idx is not None:
+            _attention.mark_pending(self.layer_idx, self)
+
+    # -- validity --------------------------------------------------------------------------
+    @property
+    def valid(self) -> torch.Tensor | None:
+        """``[batch, kv_heads, stored]`` validity of the stored tokens, ``None`` while all are real."""
+        return self._valid
+
+    @valid.setter
+    def valid(self, value: torch.Tensor | None) -> None:
+        self._valid = value
+        self._heads_agree: bool | None = None  # unknown until row_validity checks it (once)
+
+    def attend(self, call: AttentionCall, fn: Any) -> tuple[torch.Tensor, Any]:
         """Compute this layer's attention. The base runs the model's backend ``fn`` on what
-        ``update()`` returned, under ``mask``; a layer that stores a latent form can override this
-        to attend in the latent space instead."""
-        return fn(call.module, call.query, call.key, call.value, mask, **call.kwargs)
+        the model passed (``call.key``/``call.value``) under the layer's mask ``call.mask``; a
+        layer that stores a latent form can override this to attend in the latent space instead
+        (and then need not build the mask)."""
+        return fn(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
 
     def after_attention(self, call: AttentionCall) -> None:
         """Called by compresskv's attention once this layer's attention has run: records the new
@@ -94,7 +113,10 @@ class KVLayer(CacheLayerMixin):
             new = call.new_valid
             if new is None:
                 new = torch.ones(bsz, q_len, dtype=torch.bool, device=device)
+            # Appending columns that agree across heads keeps what row_validity knows about them.
+            agree = self._heads_agree if self._valid is not None else True
             self.valid = torch.cat([old, new[:, None, :].expand(-1, n_kv, -1)], dim=-1)
+            self._heads_agree = agree
         if not self.prefilled:
             self.prefilled = True
             self.compress(call)
@@ -123,10 +145,14 @@ class KVLayer(CacheLayerMixin):
                 )
 
     def row_validity(self, stored: int) -> torch.Tensor | None:
-        """``[batch, stored]`` validity when it is the same for every KV head (flash attention)."""
+        """``[batch, stored]`` validity when it is the same for every KV head (flash attention).
+        Whether it is is checked (a host sync) once per new validity tensor, not per decode step:
+        appending the new tokens' validity, the same for every head, keeps the answer."""
         if self.valid is None:
             return None
-        if not bool((self.valid == self.valid[:, :1]).all()):
+        if self._heads_agree is None:
+            self._heads_agree = bool((self.valid == self.valid[:, :1]).all())
+        if not self._heads_agree:
             raise ValueError(
                 "compresskv: this cache kept different tokens per KV head under padding, which "
                 "flash_attention_2 cannot mask; use attn_implementation='sdpa'."
@@ -180,7 +206,9 @@ class KVLayer(CacheLayerMixin):
         if self.is_initialized and self.keys is not None:
             self.keys, self.values = fn(self.keys), fn(self.values)
             if self.valid is not None:
+                agree = self._heads_agree  # a selection of rows keeps whether heads agree
                 self.valid = fn(self.valid)
+                self._heads_agree = agree
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -194,12 +222,12 @@ class KVLayer(CacheLayerMixin):
     def offload(self) -> None:
         super().offload()
         if self.valid is not None:
-            self.valid = self.valid.to("cpu", non_blocking=True)
+            self._valid = self.valid.to("cpu", non_blocking=True)
 
     def prefetch(self) -> None:
         super().prefetch()
         if self.valid is not None and self.valid.device != self.device:
-            self.valid = self.valid.to(self.device, non_blocking=True)
+            self._valid = self.valid.to(self.device, non_blocking=True)
 
 
 @dataclass
@@ -284,6 +312,7 @@ class CompressedCache(Cache):
         for rank, idx in enumerate(full):
             layer = self.make_layer(rank, len(full))
             layer.expected = expected
+            layer.layer_idx = idx
             layers[idx] = layer
         super().__init__(layers=layers)
 

@@ -47,7 +47,6 @@ from typing import Any
 
 import torch
 
-from .. import attention as _attention
 from ..attention import AttentionCall
 from ..matryoshka import Projections, calibrate
 from .base import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
@@ -176,7 +175,7 @@ class ProjectedLayer(KVLayer):
             old_v = self._with_sinks(self._reconstruct(self.v_latent, f.mu_v, f.v_groups, f.v_inverse), self.sink_v)
             keys = torch.cat([old_k, key_states], dim=-2)
             values = torch.cat([old_v, value_states], dim=-2)
-        _attention.mark_pending(self, keys)
+        self.mark_pending()
         return keys, values
 
     def after_attention(self, call: AttentionCall) -> None:
@@ -214,9 +213,9 @@ class ProjectedLayer(KVLayer):
         raise RuntimeError("compresskv: a projected cache keeps every token; it does not evict.")
 
     # -- attention ------------------------------------------------------------------------------
-    def attend(self, call: AttentionCall, fn: Any, mask: Any) -> tuple[torch.Tensor, Any]:
+    def attend(self, call: AttentionCall, fn: Any) -> tuple[torch.Tensor, Any]:
         if self.mode == "reconstruct" or self.stored_before == 0:
-            return super().attend(call, fn, mask)
+            return super().attend(call, fn)
         module = call.module
         if getattr(module, "sinks", None) is not None or getattr(module.config, "attn_logit_softcapping", None):
             raise ValueError(

@@ -476,15 +476,15 @@ class _PrefixLayer(KVLayer):
         self.last_read, self.total_read = ReadCost(), ReadCost()
 
     # -- reading ---------------------------------------------------------------------------
-    def attend(self, call: AttentionCall, fn: Any, mask: Any) -> tuple[torch.Tensor, Any]:
+    def attend(self, call: AttentionCall, fn: Any) -> tuple[torch.Tensor, Any]:
         if not self.prefix_len:
-            return super().attend(call, fn, mask)
+            return super().attend(call, fn)
         start = time.perf_counter()
         cost = ReadCost(reads=1, compressed_bytes=self.compressed_nbytes())
         if self.cache.read_mode != "model" and self._direct_ok(call):
             out = self._fused_attention(call, cost)
             if out is None:
-                out = self._direct_attention(call, mask, cost)
+                out = self._direct_attention(call, call.mask, cost)
             else:
                 cost.fused_reads = 1
         else:
@@ -492,7 +492,7 @@ class _PrefixLayer(KVLayer):
             keys = torch.cat([keys, call.key], dim=-2)
             values = torch.cat([values, call.value], dim=-2)
             cost.transient_bytes = max(cost.transient_bytes, tensor_bytes(keys, values))
-            out = fn(call.module, call.query, keys, values, mask, **call.kwargs)
+            out = fn(call.module, call.query, keys, values, call.mask, **call.kwargs)
         cost.seconds = time.perf_counter() - start
         self.last_read = cost
         self.total_read.add(cost)
