@@ -75,6 +75,7 @@ NO_COMPRESSION: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]
     "snapkv": ("snapkv", lambda m: dict(budget=EVERYTHING, window_size=8)),
     "pyramidkv": ("pyramidkv", lambda m: dict(budget=EVERYTHING, window_size=8)),
     "streamingllm": ("streamingllm", lambda m: dict(window=EVERYTHING)),
+    "knorm": ("knorm", lambda m: dict(budget=EVERYTHING)),
     "matryoshka": ("matryoshka", lambda m: dict(projections=_projections(m), rank=HEAD_DIM)),
     "pca": ("pca", lambda m: dict(projections=_projections(m), rank=HEAD_DIM)),
     "xkv": ("xkv", lambda m: dict(group_size=2, rank_k=_full_width(m, 2), rank_v=_full_width(m, 2))),
@@ -89,6 +90,7 @@ COMPRESSING: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]]] 
     "snapkv": ("snapkv", lambda m: dict(compression_ratio=0.5, window_size=8)),
     "pyramidkv": ("pyramidkv", lambda m: dict(compression_ratio=0.5, window_size=8)),
     "streamingllm": ("streamingllm", lambda m: dict(compression_ratio=0.5)),
+    "knorm": ("knorm", lambda m: dict(compression_ratio=0.5)),
     "matryoshka": ("matryoshka", lambda m: dict(projections=_projections(m), compression_ratio=0.5)),
     "pca": ("pca", lambda m: dict(projections=_projections(m), compression_ratio=0.5)),
     "xkv": ("xkv", lambda m: dict(compression_ratio=0.5)),  # groups of 4: one group spans both devices
