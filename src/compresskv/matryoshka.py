@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .calibration import Artifact, Texts, calibration_windows, config_hash, model_name
+from .distill import Distiller
 from . import compat
 
 KIND = "matryoshka_projections"
@@ -463,15 +464,6 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, kl_weight: float, ce_weight: float):
-    vocab = student.shape[-1]
-    log_s = F.log_softmax(student.float(), dim=-1)
-    log_t = F.log_softmax(teacher.float(), dim=-1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
-    ce = F.nll_loss(log_s[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
-    return kl_weight * kl + ce_weight * ce, kl.detach(), ce.detach()
-
-
 def train_projections(
     model: Any,
     projections: Projections,
@@ -555,54 +547,42 @@ def train_projections(
     skew = {n: torch.zeros(layers, kv_heads, d, d, device=device, requires_grad=True) for n in ("k", "v")}
     means = {n: projections.tensors[f"mu_{n}"].to(device, torch.float32).clone().requires_grad_(train_means)
              for n in ("k", "v")}
-    params = list(skew.values()) + ([*means.values()] if train_means else [])
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    distiller = Distiller(list(skew.values()) + ([*means.values()] if train_means else []), lr=lr,
+                          schedule=lambda step: _lr_factor(step, steps, warmup), kl_weight=kl_weight,
+                          ce_weight=ce_weight, max_grad_norm=max_grad_norm)
     rank_table = torch.tensor(ranks)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(windows.shape[0], generator=gen)
-    saved = [p.requires_grad for p in model.parameters()]
     history: list[dict[str, float]] = []
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        pick = torch.arange(step * batch_size, (step + 1) * batch_size) % windows.shape[0]
+        ids = windows[order[pick]].to(device)
+        return {"input_ids": ids, "position_ids": _positions(batch_size, seq_len, position_range, gen).to(device)}
+
+    def teacher(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _forward(model, b["input_ids"], position_ids=b["position_ids"]).logits
+
+    def student(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        # One rank per (layer, KV head, K/V), drawn afresh each step from the nested set.
+        proj = {}
+        for n in ("k", "v"):
+            u = u0[n] @ cayley(skew[n])
+            sampled = rank_table[torch.randint(len(ranks), (layers, kv_heads), generator=gen)]
+            mask = _rank_masks(sampled, d, device)
+            proj[n] = (u * mask[..., None, :]) @ u.transpose(-1, -2)
+
+        def student_kv(layer: int, keys: torch.Tensor, values: torch.Tensor):
+            if layer not in full:
+                return keys, values
+            return (_low_rank(keys, means["k"][layer], proj["k"][layer], sink_tokens),
+                    _low_rank(values, means["v"][layer], proj["v"][layer], sink_tokens))
+
+        return _forward(model, b["input_ids"], _KVTap(model, student_kv), position_ids=b["position_ids"]).logits
+
     start = time.perf_counter()
-    tokens = 0
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        bar = _progress(range(steps), desc="train projections", unit="step", disable=not progress)
-        for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = lr * _lr_factor(step, steps, warmup)
-            pick = torch.arange(step * batch_size, (step + 1) * batch_size) % windows.shape[0]
-            ids = windows[order[pick]].to(device)
-            pos = _positions(batch_size, seq_len, position_range, gen).to(device)
-            with torch.no_grad():
-                teacher = _forward(model, ids, position_ids=pos).logits
-            proj = {}
-            for n in ("k", "v"):
-                u = u0[n] @ cayley(skew[n])
-                sampled = rank_table[torch.randint(len(ranks), (layers, kv_heads), generator=gen)]
-                mask = _rank_masks(sampled, d, device)
-                proj[n] = (u * mask[..., None, :]) @ u.transpose(-1, -2)
-
-            def student_kv(layer: int, keys: torch.Tensor, values: torch.Tensor):
-                if layer not in full:
-                    return keys, values
-                return (_low_rank(keys, means["k"][layer], proj["k"][layer], sink_tokens),
-                        _low_rank(values, means["v"][layer], proj["v"][layer], sink_tokens))
-
-            student = _forward(model, ids, _KVTap(model, student_kv), position_ids=pos).logits
-            loss, kl, ce = _distill_loss(student, teacher, ids, kl_weight, ce_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            tokens += int(ids.numel())
-            value = loss.item()
-            history.append({"step": step, "loss": value, "kl": kl.item(), "ce": ce.item()})
-            bar.set_postfix(loss=f"{value:.4f}", kl=f"{kl.item():.4f}", ce=f"{ce.item():.3f}")
-    finally:
-        for p, flag in zip(model.parameters(), saved):
-            p.requires_grad_(flag)
+    distiller.run(model, steps, batch, student, teacher, desc="train projections", progress=progress,
+                  on_step=lambda s: history.append({"step": s.step, "loss": s.loss, "kl": s.kl, "ce": s.ce}))
     seconds = time.perf_counter() - start
     tensors = {}
     with torch.no_grad():
@@ -617,7 +597,7 @@ def train_projections(
         "method": "trained",
         "allocations": [],
         "training": {
-            "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "tokens": tokens,
+            "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "tokens": steps * batch_size * seq_len,
             "seconds": round(seconds, 1), "lr": lr, "rank_set": ranks, "train_means": train_means,
             "kl_weight": kl_weight, "ce_weight": ce_weight, "warmup": warmup, "seed": seed,
             "device": str(device), "windows": int(windows.shape[0]), "sink_tokens": sink_tokens,

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..calibration import Texts, calibration_windows
 from ..cache.latent import elitekv_spec
+from ..distill import Distiller, Step
 
 
 @dataclass
@@ -67,27 +66,6 @@ def _batch(windows: torch.Tensor, step: int, batch_size: int, seed: int) -> torc
     return torch.stack(rows)
 
 
-def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, input_ids: torch.Tensor,
-    kl_weight: float, lm_weight: float, temperature: float = 1.0,
-) -> tuple[torch.Tensor, float, float]:
-    """``kl_weight · KL(teacher ‖ student) · T² + lm_weight · CE`` over next-token positions;
-    returns ``(loss, kl, ce)``."""
-    logits = student_logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    loss = lm_weight * ce
-    kl_value = 0.0
-    if teacher_logits is not None and kl_weight:
-        t = temperature
-        log_s = F.log_softmax(logits / t, dim=-1)
-        log_t = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)
-        kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * t * t
-        loss = loss + kl_weight * kl
-        kl_value = float(kl.detach())
-    return loss, kl_value, float(ce.detach())
-
-
 def uptrain(
     model: torch.nn.Module,
     texts: Texts,
@@ -123,8 +101,6 @@ def uptrain(
     same call without it (runs in time-limited pieces). Returns ``{"steps", "tokens", "seconds", "device", "history", "config"}``; the model
     is left in eval mode with the trained weights.
     """
-    from tqdm.auto import tqdm
-
     spec = elitekv_spec(model)
     cfg = UptrainConfig(steps, seq_len, batch_size, lr, weight_decay, warmup, kl_weight, lm_weight, temperature,
                         trainable, max_grad_norm, seed)
@@ -137,13 +113,6 @@ def uptrain(
     windows = calibration_windows(texts, tokenizer, seq_len=seq_len, min_windows=1)
     device = next(model.parameters()).device
     names = set(_trainable_names(model, trainable))
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    params = []
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in names)
-        if n in names:
-            params.append(p)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     warm = max(1, int(round(warmup * steps)))
 
     def schedule(step: int) -> float:
@@ -152,7 +121,10 @@ def uptrain(
         progress_ = (step - warm) / max(1, steps - warm)
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    distiller = Distiller([p for n, p in model.named_parameters() if n in names], lr=lr, schedule=schedule,
+                          kl_weight=kl_weight, ce_weight=lm_weight, temperature=temperature, kl_last_token=False,
+                          weight_decay=weight_decay, betas=(0.9, 0.95), max_grad_norm=max_grad_norm)
+    optimizer, scheduler = distiller.optimizer, distiller.scheduler
     meta = {
         "rope_pairs": spec["rope_pairs"], "kv_dim": spec["kv_dim"], "selection": spec["selection"],
         "svd": spec["svd"], **{k: v for k, v in asdict(cfg).items() if k != "steps"},
@@ -190,37 +162,30 @@ def uptrain(
     if teacher is not None:
         teacher.eval()
         t_device = next(teacher.parameters()).device
-    model.train()
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": _batch(windows, step, batch_size, seed).to(device)}
+
+    def teacher_logits(b: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if teacher is None or not kl_weight:
+            return None
+        return teacher(input_ids=b["input_ids"].to(t_device), use_cache=False).logits.to(device)
+
+    def record(s: Step) -> None:
+        nonlocal seconds
+        seconds += s.seconds
+        history.append({"step": s.step + 1, "loss": s.loss, "kl": s.kl, "ce": s.ce, "lr": scheduler.get_last_lr()[0]})
+        if save_every and (s.step + 1) % save_every == 0 and s.step + 1 < end:
+            save(s.step + 1)
+
     end = steps if stop_at is None else max(start, min(steps, int(stop_at)))
-    bar = tqdm(total=steps, initial=start, desc="EliteKV uptraining", disable=not progress)
+    model.train()
     try:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            ids = _batch(windows, step, batch_size, seed).to(device)
-            teacher_logits = None
-            if teacher is not None and kl_weight:
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=ids.to(t_device), use_cache=False).logits.to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
-            loss, kl, ce = distillation_loss(logits, teacher_logits, ids, kl_weight, lm_weight, temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            seconds += time.perf_counter() - t0
-            history.append({"step": step + 1, "loss": float(loss.detach()), "kl": kl, "ce": ce, "lr": scheduler.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", kl=f"{kl:.3f}", ce=f"{ce:.3f}")
-            bar.update()
-            if save_every and (step + 1) % save_every == 0 and step + 1 < end:
-                save(step + 1)
+        distiller.run(model, steps, batch, lambda b: model(input_ids=b["input_ids"], use_cache=False).logits,
+                      teacher_logits, start=start, end=end, desc="EliteKV uptraining", progress=progress, on_step=record)
         save(end)
     finally:
-        bar.close()
         model.eval()
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
     return {
         "steps": end,
         "tokens": end * batch_size * windows.shape[1],
