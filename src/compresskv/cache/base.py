@@ -19,6 +19,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from .. import attention as _attention
 from ..attention import AttentionCall
+from ..core.facts import model_dims, text_config
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -255,10 +256,6 @@ def _plain_layers(model: torch.nn.Module) -> list[Any]:
     return list(cache.layers)
 
 
-def text_config(model: torch.nn.Module) -> Any:
-    return model.config.get_text_config(decoder=True)
-
-
 #: Model types with multi-head latent attention (also recognised by ``kv_lora_rank`` in the config).
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 
@@ -294,7 +291,6 @@ class CompressedCache(Cache):
 
     def __init__(self, model: torch.nn.Module) -> None:
         refuse_mla(model, type(self).__name__)  # before switching the model's attention
-        config = text_config(model)
         self.base_attention = _attention.install(model)
         plain = _plain_layers(model)
         full = [i for i, layer in enumerate(plain) if type(layer) is DynamicLayer]
@@ -304,10 +300,10 @@ class CompressedCache(Cache):
                 "(all its layers are sliding-window, shared or linear)."
             )
         self.full_layers = full
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dims = model_dims(model)
+        kv_heads, head_dim = dims["kv_heads"], dims["head_dim"]
         self.num_kv_heads, self.head_dim = kv_heads, head_dim
-        expected = (config.num_hidden_layers, kv_heads, head_dim)
+        expected = (dims["layers"], kv_heads, head_dim)
         layers: list[Any] = list(plain)
         for rank, idx in enumerate(full):
             layer = self.make_layer(rank, len(full))

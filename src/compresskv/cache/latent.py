@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from transformers import Cache
 
-from .base import CacheStats, CompressedCache, KVLayer, tensor_bytes, text_config
+from ..core.facts import model_dims
+from .base import CacheStats, CompressedCache, KVLayer, tensor_bytes
 
 # -- fused latent-space attention helpers -------------------------------------------------------------
 _FUSED: dict[tuple[Any, ...], tuple[bool, bool, bool]] = {}
@@ -237,12 +238,10 @@ class EliteKVCache(CompressedCache):
 
     def __init__(self, model: torch.nn.Module) -> None:
         spec = elitekv_spec(model)
-        config = text_config(model)
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.num_kv_heads, self.head_dim = int(kv_heads), int(head_dim)
+        dims = model_dims(model)
+        self.num_kv_heads, self.head_dim = dims["kv_heads"], dims["head_dim"]
         self.rope_pairs, self.kv_dim = int(spec["rope_pairs"]), int(spec["kv_dim"])
-        n_layers = config.num_hidden_layers
+        n_layers = dims["layers"]
         self.full_layers = list(range(n_layers))
         layers = [EliteKVLayer(self.num_kv_heads, 2 * self.rope_pairs, self.kv_dim) for _ in range(n_layers)]
         for layer in layers:

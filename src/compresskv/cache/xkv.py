@@ -40,8 +40,10 @@ from transformers.cache_utils import DynamicLayer
 
 from .. import attention as _attention
 from ..attention import AttentionCall
+from ..core.facts import model_dims, text_config
+from ..core.rope import rotate_half
 from ..kernels.xkv_decode import PrefixRope, merge_with_tail, triton_available, xkv_decode
-from .base import CacheStats, CompressedCache, KVLayer, _plain_layers, refuse_mla, tensor_bytes, text_config
+from .base import CacheStats, CompressedCache, KVLayer, _plain_layers, refuse_mla, tensor_bytes
 
 KeysMode = Literal["pre_rope", "post_rope"]
 KEYS_MODES = ("pre_rope", "post_rope")
@@ -60,12 +62,6 @@ def _is_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """The ``rotate_half`` of transformers' RoPE: ``[x1, x2] -> [-x2, x1]`` on the last dim."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def truncated_factors(x: torch.Tensor, rank: int, solver: str = "svd") -> tuple[torch.Tensor, torch.Tensor]:
@@ -1020,9 +1016,8 @@ class XKVCache(_GroupedCache):
         if read_mode not in READ_MODES:
             raise ValueError(f"{owner}: read_mode must be one of {list(READ_MODES)}, got {read_mode!r}.")
         self.read_mode = read_mode
-        config = text_config(model)
-        n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dims = model_dims(model)
+        n_kv, head_dim = dims["kv_heads"], dims["head_dim"]
         if not _is_int(group_size) or group_size < 1:
             raise ValueError(f"{owner}: group_size must be an int >= 1, got {group_size!r}.")
         if keys not in KEYS_MODES:
@@ -1061,7 +1056,7 @@ class XKVCache(_GroupedCache):
         self.compression_ratio, self.keys_mode, self.svd_solver = compression_ratio, keys, svd_solver
         self.key_rank_fraction = float(key_rank_fraction)
         self._setup_groups(model, start_layer, end_layer, group_size, remainder)
-        self.rope = RotaryTable(model, owner, self._layer_type(config)) if keys == "pre_rope" else None
+        self.rope = RotaryTable(model, owner, self._layer_type(text_config(model))) if keys == "pre_rope" else None
         super().__init__(model)
 
     def _new_group(self, layer_ids: list[int]) -> _Group:
@@ -1455,7 +1450,6 @@ __all__ = [
     "plan_groups",
     "ranks_for_ratio",
     "retention_index",
-    "rotate_half",
     "slerp_merge",
     "truncated_factors",
 ]
