@@ -31,36 +31,13 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .calibration import Artifact, Texts, calibration_windows, config_hash, model_name
-from .distill import Distiller
 from . import compat
+from .calibration import Artifact, Texts, calibration_windows, config_hash, model_name
+from .core.facts import full_attention_layers, model_dims, text_config
+from .distill import Distiller
 
 KIND = "matryoshka_projections"
 _TENSORS = ("U_k", "U_v", "mu_k", "mu_v")
-
-
-# -- model facts ---------------------------------------------------------------------------------
-def _text_config(model: Any) -> Any:
-    config = model.config
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-
-
-def model_dims(model: Any) -> tuple[int, int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim, num_query_heads)`` of ``model``."""
-    config = _text_config(model)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv_heads, head_dim, heads
-
-
-def full_attention_layers(model: Any) -> list[int]:
-    """Indices of the layers a compresskv cache compresses (full attention; sliding-window and
-    shared layers are left as transformers builds them)."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = DynamicCache(config=model.config).layers
-    return [i for i, layer in enumerate(layers) if type(layer) is DynamicLayer]
 
 
 def _device(model: Any) -> torch.device:
@@ -167,7 +144,8 @@ class Projections(Artifact):
     def check_model(self, model: Any) -> None:
         """Raise ``ValueError`` when ``model``'s shapes or config hash differ from the ones these
         projections were computed on."""
-        layers, kv_heads, head_dim, _ = model_dims(model)
+        dims = model_dims(model)
+        layers, kv_heads, head_dim = dims["layers"], dims["kv_heads"], dims["head_dim"]
         mine = (self.num_layers, self.num_kv_heads, self.head_dim)
         if (layers, kv_heads, head_dim) != mine:
             raise ValueError(
@@ -300,7 +278,7 @@ def _forward(model: Any, ids: torch.Tensor, tap: _KVTap | None = None, **kwargs:
 def _position_range(model: Any, position_range: int | None, seq_len: int, who: str) -> int:
     """The positions calibration windows are spread over (see :func:`calibrate`)."""
     if position_range is None:
-        position_range = int(getattr(_text_config(model), "max_position_embeddings", 0) or seq_len)
+        position_range = int(getattr(text_config(model), "max_position_embeddings", 0) or seq_len)
     if isinstance(position_range, bool) or not isinstance(position_range, int) or position_range < seq_len:
         raise ValueError(f"{who}: position_range must be an int >= seq_len={seq_len}, got {position_range!r}.")
     return position_range
@@ -372,7 +350,8 @@ def calibrate(
     windows = _ensure_windows(texts, tokenizer, seq_len, 1, max_windows)
     position_range = _position_range(model, position_range, seq_len, "calibrate")
     positions = _positions(windows.shape[0], seq_len, position_range, torch.Generator().manual_seed(seed))
-    layers, kv_heads, head_dim, _ = model_dims(model)
+    dims = model_dims(model)
+    layers, kv_heads, head_dim = dims["layers"], dims["kv_heads"], dims["head_dim"]
     device = _device(model)
     f64 = torch.float64
     sums = {n: torch.zeros(layers, kv_heads, head_dim, dtype=f64, device=device) for n in ("k", "v")}
@@ -533,7 +512,8 @@ def train_projections(
         raise ValueError(f"train_projections: steps must be an int >= 1, got {steps!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"train_projections: batch_size must be an int >= 1, got {batch_size!r}.")
-    layers, kv_heads, d, _ = model_dims(model)
+    dims = model_dims(model)
+    layers, kv_heads, d = dims["layers"], dims["kv_heads"], dims["head_dim"]
     ranks = sorted(set(rank_set if rank_set is not None else default_rank_set(d)))
     if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d for r in ranks):
         raise ValueError(f"train_projections: rank_set must be ints in [1, head_dim={d}], got {rank_set!r}.")
@@ -738,7 +718,8 @@ def allocate_ranks(
     if not isinstance(projections, Projections):
         raise ValueError("allocate_ranks: projections must be a compresskv.Projections (from compresskv.calibrate).")
     projections.check_model(model)
-    layers, kv_heads, d, n_q = model_dims(model)
+    dims = model_dims(model)
+    layers, kv_heads, d, n_q = dims["layers"], dims["kv_heads"], dims["head_dim"], dims["heads"]
     budgets = [budget] if isinstance(budget, (int, float)) and not isinstance(budget, bool) else list(budget)
     budgets = sorted({_check_budget(b, "allocate_ranks") for b in budgets}, reverse=True)
     step = step if step is not None else max(1, d // 8)

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from transformers import Cache, DynamicCache
-from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
 
 from .. import attention as _attention
 from ..attention import AttentionCall
-from ..core.facts import model_dims, text_config
+from ..core.facts import full_attention_layers, model_dims, plain_layers, text_config
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -250,12 +250,6 @@ class CacheStats:
         return {**asdict(self), "ratio": self.ratio}
 
 
-def _plain_layers(model: torch.nn.Module) -> list[Any]:
-    """The layers transformers' ``DynamicCache`` would build for this model."""
-    cache = DynamicCache(config=model.config)
-    return list(cache.layers)
-
-
 #: Model types with multi-head latent attention (also recognised by ``kv_lora_rank`` in the config).
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 
@@ -292,8 +286,8 @@ class CompressedCache(Cache):
     def __init__(self, model: torch.nn.Module) -> None:
         refuse_mla(model, type(self).__name__)  # before switching the model's attention
         self.base_attention = _attention.install(model)
-        plain = _plain_layers(model)
-        full = [i for i, layer in enumerate(plain) if type(layer) is DynamicLayer]
+        plain = plain_layers(model)
+        full = full_attention_layers(model, plain)
         if not full:
             raise ValueError(
                 f"compresskv: {type(model).__name__} has no full-attention layer to compress "

@@ -36,14 +36,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from .. import attention as _attention
 from ..attention import AttentionCall
-from ..core.facts import model_dims, text_config
+from ..core.facts import full_attention_layers, model_dims, text_config
 from ..core.rope import rotate_half
 from ..kernels.xkv_decode import PrefixRope, merge_with_tail, triton_available, xkv_decode
-from .base import CacheStats, CompressedCache, KVLayer, _plain_layers, refuse_mla, tensor_bytes
+from .base import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
 
 KeysMode = Literal["pre_rope", "post_rope"]
 KEYS_MODES = ("pre_rope", "post_rope")
@@ -88,11 +87,6 @@ def truncated_factors(x: torch.Tensor, rank: int, solver: str = "svd") -> tuple[
         raise ValueError(f"svd_solver must be one of {list(SVD_SOLVERS)}, got {solver!r}")
     root = s.sqrt()
     return u * root[..., None, :], root[..., :, None] * vh
-
-
-def full_attention_layers(model: torch.nn.Module) -> list[int]:
-    """Indices of the layers ``DynamicCache`` gives a plain full-attention layer (those compresskv compresses)."""
-    return [i for i, layer in enumerate(_plain_layers(model)) if type(layer) is DynamicLayer]
 
 
 def plan_groups(layers: list[int], group_size: int, remainder: str = "error", owner: str = "XKVCache") -> list[list[int]]:
@@ -1446,7 +1440,6 @@ __all__ = [
     "SVDCache",
     "XKVCache",
     "XKVLayer",
-    "full_attention_layers",
     "plan_groups",
     "ranks_for_ratio",
     "retention_index",

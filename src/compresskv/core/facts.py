@@ -34,3 +34,19 @@ def model_dims(model: Any) -> ModelDims:
         head_dim=int(head_dim),
         layers=int(config.num_hidden_layers),
     )
+
+
+def plain_layers(model: Any) -> list[Any]:
+    """The layer objects transformers' ``DynamicCache`` builds for ``model`` (one per layer)."""
+    from transformers import DynamicCache
+
+    return list(DynamicCache(config=model.config).layers)
+
+
+def full_attention_layers(model: Any, plain: list[Any] | None = None) -> list[int]:
+    """Indices of the layers ``DynamicCache`` gives a plain full-attention layer: those compresskv
+    compresses (sliding-window, KV-shared and linear layers keep transformers' own)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = plain_layers(model) if plain is None else plain
+    return [i for i, layer in enumerate(layers) if type(layer) is DynamicLayer]
