@@ -203,13 +203,16 @@ class KVLayer(CacheLayerMixin):
             "un-seen); assisted/speculative decoding needs a croppable cache such as DynamicCache."
         )
 
+    def map_valid(self, fn: Any) -> None:
+        """Apply ``fn`` (a row selection or a device move) to ``valid``: whether heads agree is
+        kept, so no new check (a host sync) follows."""
+        if self._valid is not None:
+            self._valid = fn(self._valid)
+
     def _select_batch(self, fn: Any) -> None:
         if self.is_initialized and self.keys is not None:
             self.keys, self.values = fn(self.keys), fn(self.values)
-            if self.valid is not None:
-                agree = self._heads_agree  # a selection of rows keeps whether heads agree
-                self.valid = fn(self.valid)
-                self._heads_agree = agree
+            self.map_valid(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -222,13 +225,11 @@ class KVLayer(CacheLayerMixin):
 
     def offload(self) -> None:
         super().offload()
-        if self.valid is not None:
-            self._valid = self.valid.to("cpu", non_blocking=True)
+        self.map_valid(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
         super().prefetch()
-        if self.valid is not None and self.valid.device != self.device:
-            self._valid = self.valid.to(self.device, non_blocking=True)
+        self.map_valid(lambda t: t.to(self.device, non_blocking=True))
 
 
 @dataclass

@@ -375,8 +375,7 @@ class ProjectedLayer(KVLayer):
         if self.is_initialized:
             self.k_latent = [fn(t) for t in self.k_latent]
             self.v_latent = [fn(t) for t in self.v_latent]
-            if self.valid is not None:
-                self.valid = fn(self.valid)
+            self.map_valid(fn)
             if self.sink_index is not None:
                 self.sink_index, self.sink_k, self.sink_v = fn(self.sink_index), fn(self.sink_k), fn(self.sink_v)
 
@@ -384,8 +383,7 @@ class ProjectedLayer(KVLayer):
         if self.is_initialized:
             self.k_latent = [t.to("cpu", non_blocking=True) for t in self.k_latent]
             self.v_latent = [t.to("cpu", non_blocking=True) for t in self.v_latent]
-            if self.valid is not None:
-                self.valid = self.valid.to("cpu", non_blocking=True)
+            self.map_valid(lambda t: t.to("cpu", non_blocking=True))
             if self.sink_index is not None:
                 self.sink_index, self.sink_k, self.sink_v = (
                     t.to("cpu", non_blocking=True) for t in (self.sink_index, self.sink_k, self.sink_v))
@@ -394,8 +392,7 @@ class ProjectedLayer(KVLayer):
         if self.is_initialized:
             self.k_latent = [t.to(self.device, non_blocking=True) for t in self.k_latent]
             self.v_latent = [t.to(self.device, non_blocking=True) for t in self.v_latent]
-            if self.valid is not None:
-                self.valid = self.valid.to(self.device, non_blocking=True)
+            self.map_valid(lambda t: t.to(self.device, non_blocking=True))
             if self.sink_index is not None:
                 self.sink_index, self.sink_k, self.sink_v = (
                     t.to(self.device, non_blocking=True) for t in (self.sink_index, self.sink_k, self.sink_v))
