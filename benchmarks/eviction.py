@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import compresskv
 from compresskv.eval.machine import machine_info
-from compresskv.attention import uninstall
+from compresskv.core.attention import uninstall
 from compresskv.eval.needle import make_needle_task, run_needle
 
 BASELINE = "dynamiccache"

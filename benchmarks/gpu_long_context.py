@@ -58,7 +58,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import compresskv
 from compresskv import compat
-from compresskv import attention as ckv_attention
+from compresskv.core import attention as ckv_attention
 from compresskv import elitekv
 from compresskv.eval.machine import machine_info
 from compresskv.eval.measure import PeakMemory
@@ -164,7 +164,7 @@ def cache_bytes(cache: Any) -> int:
 
 
 def xkv_read_modes() -> tuple[str, ...]:
-    from compresskv.cache import xkv as xkv_module
+    from compresskv.crosslayer import xkv as xkv_module
 
     return tuple(getattr(xkv_module, "READ_MODES", ()))
 

@@ -49,10 +49,10 @@ import compresskv
 from compresskv import compat
 from compresskv.eval import perplexity
 from compresskv.eval.machine import machine_info
-from compresskv.attention import install, uninstall
+from compresskv.core.attention import install, uninstall
 from compresskv.eval.needle import make_needle_task
 from compresskv.eval.perplexity import make_perplexity_task, tokenize_text
-from compresskv.matryoshka import kept_fraction
+from compresskv.projected import kept_fraction
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
 VARIANTS = ("pca-uniform", "pca-allocated", "trained-allocated")

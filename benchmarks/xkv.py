@@ -52,9 +52,9 @@ import compresskv
 from compresskv import compat
 from compresskv.eval import perplexity
 from compresskv.eval.machine import machine_info
-from compresskv import attention as ckv_attention
-from compresskv.attention import AttentionCall, uninstall
-from compresskv.cache import xkv as xkv_module
+from compresskv.core import attention as ckv_attention
+from compresskv.core.attention import AttentionCall, uninstall
+from compresskv.crosslayer import xkv as xkv_module
 from compresskv.eval.needle import make_needle_task
 
 AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import compresskv
-from compresskv import elitekv, matryoshka
+from compresskv import elitekv
+from compresskv.projected import projections as matryoshka
 from compresskv.calibration import calibration_windows
 from conftest import tiny_model
 from tiny_tokenizer import prose, tiny_tokenizer

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import compresskv
-from compresskv.cache.eviction import ratio_budget
+from compresskv.eviction.base import ratio_budget
 from conftest import greedy, VOCAB, batch_inputs, dynamic, kv, tiny_model
 
 CHUNK = 16

@@ -11,8 +11,8 @@ import torch
 
 import compresskv
 from compresskv import elitekv
-from compresskv.attention import base_of
-from compresskv.cache.xkv import XKVLayer, ranks_for_ratio
+from compresskv.core.attention import base_of
+from compresskv.crosslayer.xkv import XKVLayer, ranks_for_ratio
 from conftest import generate_output as generate, VOCAB, batch_inputs, dynamic, greedy, kv, tiny_model
 
 HEAD_DIM = 16

@@ -153,7 +153,7 @@ def test_converted_model_builds_its_cache_and_accepts_dynamic_cache():
     assert beams.shape == (3, ids.shape[1] + 3)
     with pytest.raises(ValueError, match="cannot use a SnapKVCache"):
         greedy(model, ids, mask, compresskv.SnapKVCache(model, budget=16, window_size=4))
-    compresskv.attention.clear_pending()
+    compresskv.core.attention.clear_pending()
 
 
 # -- RoPElite ----------------------------------------------------------------------------------------

@@ -76,13 +76,13 @@ def test_cache_reused_across_models_with_different_layer_counts(model, other_lay
     other = tiny_model("llama", "sdpa", layers=other_layers)
     with pytest.raises((ValueError, RuntimeError), match="one cache per model"):
         other.generate(input_ids=ids, attention_mask=mask, **kv(cache), max_new_tokens=2)
-    compresskv.attention.clear_pending()
+    compresskv.core.attention.clear_pending()
     # Also when the other model runs compresskv's attention too.
     compresskv.SnapKVCache(other, budget=16, window_size=4)
     cache = compresskv.SnapKVCache(model, budget=16, window_size=4)
     with pytest.raises(ValueError, match=f"{4} layers.*one of {other_layers}"):
         other.generate(input_ids=ids, attention_mask=mask, **kv(cache), max_new_tokens=2)
-    compresskv.attention.clear_pending()
+    compresskv.core.attention.clear_pending()
 
 
 def test_changing_attention_after_creating_the_cache_is_caught():
@@ -93,7 +93,7 @@ def test_changing_attention_after_creating_the_cache_is_caught():
     with pytest.raises(RuntimeError, match="attention"):
         with torch.no_grad():
             model(input_ids=ids, **kv(cache), use_cache=True)
-    compresskv.attention.clear_pending()
+    compresskv.core.attention.clear_pending()
 
 
 def test_crop_is_refused_clearly(model):

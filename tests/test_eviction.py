@@ -10,7 +10,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import compresskv
-from compresskv.cache.eviction import pyramid_budgets
+from compresskv.eviction.base import pyramid_budgets
 from conftest import batch_inputs, dynamic, tiny_model, kv
 
 RECORDED: dict[int, torch.Tensor] = {}
@@ -261,7 +261,7 @@ def test_nbytes_is_the_kept_tokens_and_drops_by_the_ratio(method, ratio):
 def test_streamingllm_ratio_keeps_the_sinks_and_the_most_recent(ratio):
     """A ratio keeps the contract of budget=: the first ``sink`` real tokens of each row, then the
     most recent ones; a ratio that leaves fewer than ``sink + 1`` tokens keeps ``sink + 1``."""
-    from compresskv.cache.eviction import ratio_budget
+    from compresskv.eviction.base import ratio_budget
 
     model = tiny_model("llama", "sdpa", layers=2)
     ids, mask = batch_inputs(3, length=48)  # rows padded by 0, 7, 14

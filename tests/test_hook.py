@@ -50,8 +50,8 @@ def test_attention_that_copies_the_keys_still_compresses(method, attn):
 
 
 def test_pending_layer_is_taken_by_its_layer_idx_only():
-    hook = compresskv.attention
-    layer, module = compresskv.cache.base.KVLayer(), torch.nn.Module()
+    hook = compresskv.core.attention
+    layer, module = compresskv.core.cache.KVLayer(), torch.nn.Module()
     try:
         hook.mark_pending(1, layer)
         module.layer_idx = 2
@@ -82,6 +82,6 @@ def _imports(path: Path) -> set[str]:
 
 def test_hook_does_not_import_the_caches():
     """The cache modules import the hook; the hook knows a layer only by a Protocol."""
-    hook = _imports(SRC / "attention.py")
+    hook = _imports(SRC / "core" / "attention.py")
     assert not [name for name in hook if "cache" in name], hook
-    assert any(name.endswith("attention") for name in _imports(SRC / "cache" / "base.py"))
+    assert any(name.endswith("attention") for name in _imports(SRC / "core" / "cache.py"))

@@ -19,8 +19,8 @@ from torch.nn import functional as F
 
 import compresskv
 from compresskv import elitekv
-from compresskv.cache import latent as latent_mod
-from compresskv.cache.projected import ProjectedLayer
+from compresskv.core import lse as latent_mod
+from compresskv.projected.cache import ProjectedLayer
 from compresskv.elitekv import jlrd
 from conftest import VOCAB, batch_inputs, dynamic, greedy, tiny_model, kv
 

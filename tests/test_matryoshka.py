@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import compresskv
-from compresskv.matryoshka import Projections, cayley, kept_fraction
+from compresskv.projected.projections import Projections, cayley, kept_fraction
 from conftest import VOCAB, batch_inputs, dynamic, greedy, tiny_model, kv
 
 MODES = ("projected", "reconstruct")

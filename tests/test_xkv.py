@@ -10,8 +10,8 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import compresskv
-from compresskv.cache.base import KVLayer
-from compresskv.cache.xkv import MiniCacheLayer, XKVLayer, ranks_for_ratio
+from compresskv.core.cache import KVLayer
+from compresskv.crosslayer.xkv import MiniCacheLayer, XKVLayer, ranks_for_ratio
 from conftest import ATTENTIONS, FAMILIES, batch_inputs, dynamic, greedy, tiny_model, kv
 
 HEAD_DIM = 16  # every tiny model has head_dim 16
@@ -286,8 +286,8 @@ def test_minicache_nbytes_and_merge_follow_the_paper():
                 kept = set(index[h].tolist())
                 assert kept == set(distance[h].topk(n).indices.tolist())
             layer_a, layer_b = cache.layers[a], cache.layers[b]
-            rebuilt_a, rebuilt_b = layer_a.rebuild_prefix(compresskv.cache.xkv.ReadCost()), layer_b.rebuild_prefix(
-                compresskv.cache.xkv.ReadCost()
+            rebuilt_a, rebuilt_b = layer_a.rebuild_prefix(compresskv.crosslayer.xkv.ReadCost()), layer_b.rebuild_prefix(
+                compresskv.crosslayer.xkv.ReadCost()
             )
             for x, rebuilt in ((xa, rebuilt_a[slot][0]), (xb, rebuilt_b[slot][0])):
                 expected = slerp * x.norm(dim=-1, keepdim=True)

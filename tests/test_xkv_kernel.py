@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import compresskv
-from compresskv.cache.xkv import ReadCost, XKVLayer
+from compresskv.crosslayer.xkv import ReadCost, XKVLayer
 from compresskv.kernels import PrefixRope, merge_with_tail, tail_mask, xkv_decode, xkv_decode_reference
 from conftest import batch_inputs, dynamic, greedy, tiny_model, kv
 

@@ -16,23 +16,11 @@ or pass a cache yourself::
 from __future__ import annotations
 
 from . import elitekv
-from .cache import (
-    CacheStats,
-    CompressedCache,
-    EliteKVCache,
-    KnormCache,
-    KVLayer,
-    MatryoshkaKVCache,
-    MiniCache,
-    PCAKVCache,
-    PyramidKVCache,
-    SnapKVCache,
-    StreamingLLMCache,
-    SVDCache,
-    XKVCache,
-    pyramid_budgets,
-)
-from .matryoshka import Projections, allocate_ranks, calibrate, train_projections
+from .core import CacheStats, CompressedCache, KVLayer
+from .crosslayer import MiniCache, SVDCache, XKVCache
+from .elitekv import EliteKVCache
+from .eviction import KnormCache, PyramidKVCache, SnapKVCache, StreamingLLMCache, pyramid_budgets
+from .projected import MatryoshkaKVCache, PCAKVCache, Projections, allocate_ranks, calibrate, train_projections
 from .models import DEFAULT_MODEL, load_model
 from .patching import available_methods, make_cache, method_options, patch, register_method, unpatch
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import attention as _attention
+from .core import attention as _attention
 from . import compat
 
 CacheFactory = Callable[..., Any]

@@ -1,7 +1,21 @@
-"""What every method family shares: model facts and RoPE helpers (the cache/layer base and the
-attention hook are to join them here, see docs/contracts.md)."""
+"""What every method family shares: the cache and layer base (:mod:`.cache`), the attention hook
+(:mod:`.attention`), model facts (:mod:`.facts`), RoPE helpers (:mod:`.rope`) and the fused
+attention with log-sum-exp that merges two softmax parts exactly (:mod:`.lse`)."""
 
+from .cache import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
 from .facts import ModelDims, full_attention_layers, model_dims, plain_layers, text_config
 from .rope import rotate_half
 
-__all__ = ["ModelDims", "full_attention_layers", "model_dims", "plain_layers", "rotate_half", "text_config"]
+__all__ = [
+    "CacheStats",
+    "CompressedCache",
+    "KVLayer",
+    "ModelDims",
+    "full_attention_layers",
+    "model_dims",
+    "plain_layers",
+    "refuse_mla",
+    "rotate_half",
+    "tensor_bytes",
+    "text_config",
+]

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from ..cache.base import refuse_mla
-from ..cache.latent import EliteKVCache, EliteKVLayer, elitekv_spec
+from ..core.cache import refuse_mla
+from .cache import EliteKVCache, EliteKVLayer, elitekv_spec
 from .jlrd import (
     ATTENTION_MODES,
     SVD_MODES,

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..cache.latent import EliteKVCache, fused_sdpa_ok
+from ..core.lse import fused_sdpa_ok
+from .cache import EliteKVCache
 from ..core.facts import model_dims, text_config
 from ..core.rope import rotate_half
 from .ranking import SELECTIONS, FrequencyRanking, input_moments, select_pairs
@@ -226,7 +227,7 @@ def jlrd_weights(
 def additive_mask(mask: Any, bsz: int, q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     """Any transformers attention mask (eager float, sdpa bool, flash 2-D padding, ``None``, or
     compresskv's bundle) as an additive float mask broadcastable to ``[batch, heads, q, kv]``."""
-    from ..attention import MaskBundle
+    from ..core.attention import MaskBundle
 
     if isinstance(mask, MaskBundle):
         mask = mask.base_on(device)
@@ -478,7 +479,7 @@ class EliteKVAttention(nn.Module):
 
 
 def _check_cache(cache: Any) -> None:
-    from ..cache.base import CompressedCache
+    from ..core.cache import CompressedCache
 
     if isinstance(cache, CompressedCache) and not isinstance(cache, EliteKVCache):
         raise ValueError(
@@ -727,7 +728,7 @@ def load_converted(path: str | Path, **kwargs: Any) -> nn.Module:
 
 def conversion_info(model: nn.Module) -> dict[str, Any]:
     """The sizes, selection and per-layer reconstruction errors of a converted model."""
-    from ..cache.latent import elitekv_spec
+    from .cache import elitekv_spec
 
     spec = elitekv_spec(model)
     return {k: v for k, v in spec.items() if k != "pairs"}

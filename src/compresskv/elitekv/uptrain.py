@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..calibration import Texts, calibration_windows
-from ..cache.latent import elitekv_spec
+from .cache import elitekv_spec
 from ..distill import Distiller, Step
 
 

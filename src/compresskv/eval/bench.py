@@ -241,7 +241,7 @@ def _run_one(model: Any, tokenizer: Any, builder: Any, task_obj: Any, task: str,
             if stored:
                 result["stored_min"], result["stored_max"] = min(stored), max(stored)
     except Exception as err:  # noqa: BLE001 - record it, go on, retry on the next run
-        from ..attention import clear_pending
+        from ..core.attention import clear_pending
 
         result["error"] = f"{type(err).__name__}: {err}"
         clear_pending()

@@ -133,7 +133,7 @@ class MethodBuilder:
     def release(self) -> None:
         """Give the model back as loaded (reverts an EliteKV conversion; uninstalls compresskv's
         attention)."""
-        from ..attention import uninstall
+        from ..core.attention import uninstall
         from ..elitekv import is_converted, revert
 
         if is_converted(self.model):
@@ -189,13 +189,13 @@ class MethodBuilder:
         return artifact
 
     def _pca(self) -> Any:
-        from ..matryoshka import Projections, calibrate
+        from ..projected import Projections, calibrate
 
         return self._cached("pca", Projections, lambda: calibrate(
             self.model, self._windows("calib"), seq_len=CALIB_SEQ_LEN, batch_size=1))
 
     def _trained(self) -> Any:
-        from ..matryoshka import Projections, allocate_ranks, train_projections
+        from ..projected import Projections, allocate_ranks, train_projections
 
         trained = self._cached("matryoshka", Projections, lambda: train_projections(
             self.model, self._pca(), self._windows("train"), steps=TRAIN_STEPS, seq_len=TRAIN_SEQ_LEN))

@@ -118,6 +118,6 @@ def run_needle(
 
 def dynamic_cache_nbytes(cache: Any) -> int:
     """Bytes held by a transformers ``DynamicCache``."""
-    from ..cache.base import tensor_bytes
+    from ..core.cache import tensor_bytes
 
     return sum(tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers)

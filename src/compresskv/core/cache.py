@@ -5,7 +5,7 @@ Full-attention layers get a :class:`KVLayer` (or a subclass that compresses); ev
 it. A :class:`KVLayer` counts tokens *seen* separately from tokens *stored*, keeps a per-KV-head
 validity tensor once stored tokens stop being contiguous real tokens (left padding, eviction), and
 is told by compresskv's attention function when its attention has run, which is when methods
-compress (see :mod:`compresskv.attention`).
+compress (see :mod:`compresskv.core.attention`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
-from .. import attention as _attention
-from ..attention import AttentionCall
-from ..core.facts import full_attention_layers, model_dims, plain_layers, text_config
+from . import attention as _attention
+from .attention import AttentionCall
+from .facts import full_attention_layers, model_dims, plain_layers, text_config
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -79,7 +79,7 @@ class KVLayer(CacheLayerMixin):
 
     def mark_pending(self) -> None:
         """Tell compresskv's attention function that the next attention call of model layer
-        :attr:`layer_idx` is this layer's (``update()`` calls it; see :mod:`compresskv.attention`)."""
+        :attr:`layer_idx` is this layer's (``update()`` calls it; see :mod:`compresskv.core.attention`)."""
         if self.layer_idx is not None:
             _attention.mark_pending(self.layer_idx, self)
 
@@ -278,7 +278,7 @@ class CompressedCache(Cache):
 
     Subclasses implement :meth:`make_layer` to build the layer for the ``rank``-th full-attention
     layer (of ``n_full``). Creating a cache installs compresskv's attention on ``model``
-    (:func:`compresskv.attention.install`); that attention computes exactly what the model's own
+    (:func:`compresskv.core.attention.install`); that attention computes exactly what the model's own
     did for any layer that is not compressed.
     """
 

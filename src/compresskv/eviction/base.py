@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..attention import AttentionCall
-from .base import CompressedCache, KVLayer
+from ..core.attention import AttentionCall
+from ..core.cache import CompressedCache, KVLayer
 
 Pooling = Literal["maxpool", "avgpool"]
 POOLINGS = ("maxpool", "avgpool")

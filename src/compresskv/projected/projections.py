@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from . import compat
-from .calibration import Artifact, Texts, calibration_windows, config_hash, model_name
-from .core.facts import full_attention_layers, model_dims, text_config
-from .distill import Distiller
+from .. import compat
+from ..calibration import Artifact, Texts, calibration_windows, config_hash, model_name
+from ..core.facts import full_attention_layers, model_dims, text_config
+from ..distill import Distiller
 
 KIND = "matryoshka_projections"
 _TENSORS = ("U_k", "U_v", "mu_k", "mu_v")

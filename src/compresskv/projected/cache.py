@@ -28,7 +28,7 @@ one softmax exactly. ``scaled_dot_product_attention`` itself does not return the
 log-sum-exp, and without it the merge cannot be exact unless the new tokens are copied into the
 latent tensors (a copy of the whole cache per step) or the stored logits are computed (what the
 fused kernel avoids): so this calls the ATen kernels behind it (see
-:func:`compresskv.cache.latent.attention_with_lse`). The explicit path
+:func:`compresskv.core.lse.attention_with_lse`). The explicit path
 (:meth:`ProjectedLayer.projected_attention`, forced by ``mode="projected_explicit"``) stays the
 reference, and runs where the fused one does not apply: on CPU (measured faster there, see
 :attr:`ProjectedLayer.fused_devices`), under ``eager`` attention (which returns the attention
@@ -47,10 +47,10 @@ from typing import Any
 
 import torch
 
-from ..attention import AttentionCall
-from ..matryoshka import Projections, calibrate
-from .base import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
-from .latent import attention_with_lse
+from ..core.attention import AttentionCall
+from ..core.cache import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
+from ..core.lse import attention_with_lse
+from .projections import Projections, calibrate
 
 MODES = ("projected", "projected_explicit", "reconstruct")
 
@@ -506,7 +506,7 @@ class MatryoshkaKVCache(CompressedCache):
     # -- measurement ----------------------------------------------------------------------------
     def kept_fraction(self) -> float:
         """Fraction of the full per-token cache the ranks keep, over the compressed layers."""
-        from ..matryoshka import kept_fraction
+        from .projections import kept_fraction
 
         return kept_fraction(self.ranks_k, self.ranks_v, self.head_dim, self.full_layers)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .eviction import EvictionCache
+from .base import EvictionCache
 
 
 class KnormCache(EvictionCache):

@@ -37,12 +37,12 @@ from typing import Any, Literal
 
 import torch
 
-from .. import attention as _attention
-from ..attention import AttentionCall
+from ..core import attention as _attention
+from ..core.attention import AttentionCall
 from ..core.facts import full_attention_layers, model_dims, text_config
 from ..core.rope import rotate_half
 from ..kernels.xkv_decode import PrefixRope, merge_with_tail, triton_available, xkv_decode
-from .base import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
+from ..core.cache import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
 
 KeysMode = Literal["pre_rope", "post_rope"]
 KEYS_MODES = ("pre_rope", "post_rope")
