@@ -20,20 +20,20 @@ from transformers.cache_utils import CacheLayerMixin
 from . import attention as _attention
 from .attention import AttentionCall
 from .facts import full_attention_layers, model_dims, plain_layers, text_config
+from .storage import Storage, batch_fn, tensor_bytes
 
 
-def tensor_bytes(*tensors: torch.Tensor | None) -> int:
-    """Bytes held by the given tensors (``None`` counts as nothing)."""
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-class KVLayer(CacheLayerMixin):
+class KVLayer(Storage, CacheLayerMixin):
     """An uncompressed full-attention layer that builds its own mask; subclasses compress it.
 
     Stores ``keys``/``values`` as ``[batch, kv_heads, stored, head_dim]`` (never the
     ``repeat_kv``-expanded form) and ``valid`` as ``[batch, kv_heads, stored]`` booleans, or
-    ``None`` while every stored token is a real token.
+    ``None`` while every stored token is a real token. A subclass that stores other tensors names
+    them in :attr:`storage` (see :mod:`compresskv.core.storage`): bytes, reset, batch operations
+    and offload follow.
     """
+
+    storage: tuple[str, ...] = ("keys", "values")
 
     is_sliding = False
     is_compileable = False
@@ -68,14 +68,18 @@ class KVLayer(CacheLayerMixin):
                 f"compresskv: this cache was built for a model with {self.expected[1]} KV heads per "
                 f"layer, but got keys with {key_states.shape[1]}; create one cache per model."
             )
+        self.append(key_states, value_states)
+        self.mark_pending()
+        return self.keys, self.values
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store the new tokens after the stored ones (initialising on the first call)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.stored_before = self.keys.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
-        self.mark_pending()
-        return self.keys, self.values
 
     def mark_pending(self) -> None:
         """Tell compresskv's attention function that the next attention call of model layer
@@ -188,11 +192,24 @@ class KVLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length  # its name before transformers 5.16
 
     def nbytes(self) -> int:
-        """Bytes of every tensor this layer holds."""
-        return tensor_bytes(self.keys, self.values, self.valid)
+        """Bytes of every tensor this layer holds: :attr:`storage`, validity and :meth:`held_nbytes`."""
+        return tensor_bytes(*self.tensors(), self.valid) + self.held_nbytes()
+
+    def held_nbytes(self) -> int:
+        """Bytes of per-layer tensors that are not per row (projection columns, means)."""
+        return 0
+
+    def uncompressed_nbytes(self) -> int:
+        """Bytes a ``DynamicCache`` would hold for this layer's tokens seen, in the same dtype."""
+        stored = self.tensors()
+        if not self.is_initialized or not stored or self.expected is None:
+            return 0
+        _, kv_heads, head_dim = self.expected
+        return stored[0].shape[0] * self.seen * kv_heads * 2 * head_dim * self.dtype.itemsize
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = None
+        self.clear_storage()
+        self.valid = None
         self.is_initialized = False
         self.seen = self.stored_before = 0
         self.prefilled = self.decoding = False
@@ -209,27 +226,26 @@ class KVLayer(CacheLayerMixin):
         if self._valid is not None:
             self._valid = fn(self._valid)
 
-    def _select_batch(self, fn: Any) -> None:
-        if self.is_initialized and self.keys is not None:
-            self.keys, self.values = fn(self.keys), fn(self.values)
+    def map_rows(self, fn: Any) -> None:
+        """Apply ``fn`` to every per-row tensor: :attr:`storage` and validity."""
+        if self.is_initialized:
+            self.map_storage(fn)
             self.map_valid(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self.map_rows(batch_fn("reorder", beam_idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+        self.map_rows(batch_fn("repeat", repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+        self.map_rows(batch_fn("select", indices))
 
     def offload(self) -> None:
-        super().offload()
-        self.map_valid(lambda t: t.to("cpu", non_blocking=True))
+        self.map_rows(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
-        super().prefetch()
-        self.map_valid(lambda t: t.to(self.device, non_blocking=True))
+        self.map_rows(lambda t: t.to(self.device, non_blocking=True))
 
 
 @dataclass
@@ -333,10 +349,31 @@ class CompressedCache(Cache):
         for layer in self.layers:
             layer.crop(tokens_to_remove)
 
+    # -- state shared by layers (cross-layer latents, positions) ------------------------------
+    def shared(self) -> list[Storage]:
+        """Objects holding per-row tensors shared by several layers (none in the base)."""
+        return []
+
+    def _map_shared(self, fn: Any) -> None:
+        for owner in self.shared():
+            owner.map_storage(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_shared(batch_fn("reorder", beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_shared(batch_fn("repeat", repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_shared(batch_fn("select", indices))
+
     # -- measurement -------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds, all layers included."""
-        total = 0
+        """Bytes of every tensor the cache holds, all layers and shared state included."""
+        total = sum(owner.storage_nbytes() for owner in self.shared())
         for layer in self.layers:
             if isinstance(layer, KVLayer):
                 total += layer.nbytes()
@@ -349,25 +386,30 @@ class CompressedCache(Cache):
         total = 0
         for layer in self.layers:
             if isinstance(layer, KVLayer):
-                if layer.is_initialized and layer.keys is not None:
-                    b = layer.keys.shape[0]
-                    per_token = self.num_kv_heads * (layer.keys.shape[-1] + layer.values.shape[-1])
-                    total += b * layer.seen * per_token * layer.keys.element_size()
+                total += layer.uncompressed_nbytes()
             else:
                 total += tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
         return total
 
     def stats(self) -> CacheStats:
         """Tokens seen, tokens stored per layer (``None`` for layers that hold none), bytes held
-        and the ratio to an uncompressed cache of the same tokens."""
+        and the ratio to an uncompressed cache of the same tokens. Subclasses add their own fields
+        to :meth:`stats_fields`."""
+        return CacheStats(**self.stats_fields())
+
+    def stats_fields(self) -> dict[str, Any]:
+        """The :class:`CacheStats` fields, for a subclass's stats dataclass to extend."""
         stored: list[int | None] = []
         for layer in self.layers:
-            keys = getattr(layer, "keys", None)
-            stored.append(int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None)
-        return CacheStats(
-            method=self.method,
-            tokens_seen=self.get_seq_length(self.full_layers[0]),
-            tokens_stored=stored,
-            nbytes=self.nbytes(),
-            uncompressed_nbytes=self.uncompressed_nbytes(),
-        )
+            if isinstance(layer, KVLayer):
+                stored.append(layer.stored() if layer.is_initialized else None)
+            else:
+                keys = getattr(layer, "keys", None)
+                stored.append(int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None)
+        return {
+            "method": self.method,
+            "tokens_seen": self.get_seq_length(self.full_layers[0]),
+            "tokens_stored": stored,
+            "nbytes": self.nbytes(),
+            "uncompressed_nbytes": self.uncompressed_nbytes(),
+        }

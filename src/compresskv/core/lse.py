@@ -136,3 +136,24 @@ def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def merge_softmax(
+    prefix_out: torch.Tensor, prefix_lse: torch.Tensor, tail_logits: torch.Tensor, tail_values: torch.Tensor
+) -> torch.Tensor:
+    """Attention over two parts sharing one softmax, from the first part's normalised output and
+    log-sum-exp and the second part's logits (masked entries ``-inf`` or ``finfo.min``).
+
+    ``prefix_out`` ``[..., R, d]``, ``prefix_lse`` ``[..., R]``, ``tail_logits`` ``[..., R, n]``,
+    ``tail_values`` ``[..., n, d]``; returns ``[..., R, d]`` in fp32. Merged relative to the row
+    maximum and normalised explicitly (not by ``logaddexp``): a row whose every key is masked gets
+    finite, normalised weights (its output is unused, but NaN would spread).
+    """
+    tail_logits = tail_logits.float()
+    top = torch.maximum(prefix_lse.float(), tail_logits.amax(dim=-1))
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    w_prefix = (prefix_lse.float() - top).exp()
+    p_tail = (tail_logits - top.unsqueeze(-1)).exp()
+    total = (w_prefix + p_tail.sum(dim=-1)).clamp_min(torch.finfo(torch.float32).tiny)
+    out = prefix_out.float() * (w_prefix / total).unsqueeze(-1)
+    return out + torch.matmul(p_tail / total.unsqueeze(-1), tail_values.float())

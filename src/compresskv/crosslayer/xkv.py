@@ -42,6 +42,7 @@ from ..core.attention import AttentionCall
 from ..core.facts import full_attention_layers, model_dims, text_config
 from ..core.rope import rotate_half
 from ..kernels.xkv_decode import PrefixRope, merge_with_tail, triton_available, xkv_decode
+from ..core.storage import Storage
 from ..core.cache import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
 
 KeysMode = Literal["pre_rope", "post_rope"]
@@ -226,12 +227,14 @@ class RotaryTable:
         return tensor_bytes(self.frozen_inv_freq)
 
 
-class PrefillPositions:
+class PrefillPositions(Storage):
     """The RoPE positions of the compressed prefill tokens, per batch row (needed to re-rotate
     pre-RoPE keys). Stored as one offset per row (``[batch, 1]`` int64) when every real token sits
     at ``offset + index`` (what ``generate`` produces, left padding included), else as a
     ``[batch, T]`` int32 table. Padding tokens are masked and zero in the latent, so their
     positions do not matter."""
+
+    storage = ("offsets", "table")
 
     def __init__(self) -> None:
         self.offsets: torch.Tensor | None = None
@@ -271,17 +274,8 @@ class PrefillPositions:
         offsets = self.offsets.to(device) if device is not None else self.offsets
         return offsets + torch.arange(start, end, device=offsets.device)
 
-    def nbytes(self) -> int:
-        return tensor_bytes(self.offsets, self.table)
-
-    def apply(self, fn: Any) -> None:
-        if self.offsets is not None:
-            self.offsets = fn(self.offsets)
-        if self.table is not None:
-            self.table = fn(self.table)
-
     def reset(self) -> None:
-        self.offsets = self.table = None
+        self.clear_storage()
         self.length = 0
 
 
@@ -341,8 +335,9 @@ class LowRankStats(CacheStats):
 
 
 # -- groups and layers ---------------------------------------------------------------------------
-class _Group:
-    """Layers compressed together; compresses when the last of them has run its prefill attention."""
+class _Group(Storage):
+    """Layers compressed together; compresses when the last of them has run its prefill attention.
+    Its shared per-row tensors are named in ``storage``."""
 
     def __init__(self, cache: "_GroupedCache", layer_ids: list[int]) -> None:
         self.cache = cache
@@ -379,22 +374,16 @@ class _Group:
     def compress(self, call: AttentionCall) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def tensors(self) -> list[torch.Tensor | None]:
-        return []
-
-    def set_tensors(self, tensors: list[torch.Tensor | None]) -> None:
-        pass
-
-    def nbytes(self) -> int:
+    def storage_nbytes(self) -> int:
         return tensor_bytes(*self.tensors(), *self._copies.values())
 
-    def apply(self, fn: Any) -> None:
+    def map_storage(self, fn: Any) -> None:
         self._copies.clear()
-        self.set_tensors([fn(t) if t is not None else None for t in self.tensors()])
+        super().map_storage(fn)
 
     def reset(self) -> None:
         self._copies.clear()
-        self.set_tensors([None] * len(self.tensors()))
+        self.clear_storage()
         self.done = 0
         self.compressed = False
         self.seconds = 0.0
@@ -445,23 +434,13 @@ class _PrefixLayer(KVLayer):
         self.keys = self.keys.new_empty(b, h, 0, d)
         self.values = self.values.new_empty(b, h, 0, self.values.shape[-1])
 
-    def own_tensors(self) -> list[torch.Tensor | None]:
-        return []
-
-    def set_own_tensors(self, tensors: list[torch.Tensor | None]) -> None:
-        pass
-
-    def nbytes(self) -> int:
-        return super().nbytes() + tensor_bytes(*self.own_tensors())
-
-    def _select_batch(self, fn: Any) -> None:
-        super()._select_batch(fn)
-        self.set_own_tensors([fn(t) if t is not None else None for t in self.own_tensors()])
+    def own_tensors(self) -> list[torch.Tensor]:
+        """This layer's part of the compressed prefix (``storage`` beyond the plain tail)."""
+        return [t for name in self.storage[2:] if (t := getattr(self, name, None)) is not None]
 
     def reset(self) -> None:
         super().reset()
         self.prefix_len = 0
-        self.set_own_tensors([None] * len(self.own_tensors()))
         self.group.reset()
         self.last_read, self.total_read = ReadCost(), ReadCost()
 
@@ -546,18 +525,14 @@ class _PrefixLayer(KVLayer):
 
 # -- xKV -----------------------------------------------------------------------------------------
 class _XKVGroup(_Group):
+    storage = ("latent_k", "latent_v")
+
     def __init__(self, cache: "XKVCache", layer_ids: list[int]) -> None:
         super().__init__(cache, layer_ids)
         self.latent_k: torch.Tensor | None = None
         self.latent_v: torch.Tensor | None = None
         self.rank_k: int | None = None
         self.rank_v: int | None = None
-
-    def tensors(self) -> list[torch.Tensor | None]:
-        return [self.latent_k, self.latent_v]
-
-    def set_tensors(self, tensors: list[torch.Tensor | None]) -> None:
-        self.latent_k, self.latent_v = tensors
 
     def reset(self) -> None:
         super().reset()
@@ -616,17 +591,12 @@ class XKVLayer(_PrefixLayer):
     """One layer of an xKV group: its own key/value factors ``[batch, r, kv_heads·head_dim]``."""
 
     group: _XKVGroup
+    storage = ("keys", "values", "factor_k", "factor_v")
 
     def __init__(self, cache: "XKVCache", group: _XKVGroup) -> None:
         super().__init__(cache, group)
         self.factor_k: torch.Tensor | None = None
         self.factor_v: torch.Tensor | None = None
-
-    def own_tensors(self) -> list[torch.Tensor | None]:
-        return [self.factor_k, self.factor_v]
-
-    def set_own_tensors(self, tensors: list[torch.Tensor | None]) -> None:
-        self.factor_k, self.factor_v = tensors
 
     def _latent(self, kind: str) -> torch.Tensor:
         """The group's shared latent on this layer's device."""
@@ -867,15 +837,18 @@ class _GroupedCache(CompressedCache):
         )
 
     # -- measurement -----------------------------------------------------------------------
-    def shared_tensors_nbytes(self) -> int:
-        """Bytes held once per cache (positions, RoPE state)."""
+    def shared(self) -> list[Storage]:
+        return [*self.groups, self.positions]
+
+    def held_nbytes(self) -> int:
+        """Bytes held once per cache that are not per row (a snapshotted RoPE table)."""
         return 0
 
     def nbytes(self) -> int:
-        return super().nbytes() + sum(g.nbytes() for g in self.groups) + self.shared_tensors_nbytes()
+        return super().nbytes() + self.held_nbytes()
 
     def _bytes_by_kind(self) -> dict[str, int]:
-        shared = sum(g.nbytes() for g in self.groups)
+        shared = sum(g.storage_nbytes() for g in self.groups)
         own = tails = valid = 0
         for layer in self.layers:
             if isinstance(layer, _PrefixLayer):
@@ -888,16 +861,10 @@ class _GroupedCache(CompressedCache):
         return {"shared": shared, "per_layer": own, "uncompressed_tokens": tails, "validity": valid}
 
     def stats(self) -> LowRankStats:
-        stored: list[int | None] = []
         ranks_k: list[int | None] = []
         ranks_v: list[int | None] = []
         last, total = ReadCost(), ReadCost()
         for idx, layer in enumerate(self.layers):
-            keys = getattr(layer, "keys", None)
-            if isinstance(layer, KVLayer) and layer.is_initialized:
-                stored.append(layer.stored())
-            else:
-                stored.append(int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None)
             group = self._group_of.get(idx)
             ranks_k.append(getattr(group, "rank_k", None) if group is not None and group.compressed else None)
             ranks_v.append(getattr(group, "rank_v", None) if group is not None and group.compressed else None)
@@ -905,11 +872,7 @@ class _GroupedCache(CompressedCache):
                 last.add(layer.last_read)
                 total.add(layer.total_read)
         return LowRankStats(
-            method=self.method,
-            tokens_seen=self.get_seq_length(self.full_layers[0]),
-            tokens_stored=stored,
-            nbytes=self.nbytes(),
-            uncompressed_nbytes=self.uncompressed_nbytes(),
+            **self.stats_fields(),
             keys=getattr(self, "keys_mode", None),
             groups=[list(g.layer_ids) for g in self.groups],
             ranks_k=ranks_k,
@@ -923,24 +886,6 @@ class _GroupedCache(CompressedCache):
 
     def _extra_stats(self) -> dict[str, Any]:
         return {}
-
-    # -- batch operations on the shared tensors ----------------------------------------------
-    def _apply_shared(self, fn: Any) -> None:
-        for group in self.groups:
-            group.apply(fn)
-        self.positions.apply(fn)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._apply_shared(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._apply_shared(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._apply_shared(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     def reset(self) -> None:
         super().reset()
@@ -1103,12 +1048,12 @@ class XKVCache(_GroupedCache):
             real = call.pad2d[:, -length:].to(torch.bool) if call.pad2d is not None else None
             self.positions.set(call.position_ids, real, bsz, length, layer.keys.device)
 
-    def shared_tensors_nbytes(self) -> int:
-        return self.positions.nbytes() + (self.rope.nbytes() if self.rope is not None else 0)
+    def held_nbytes(self) -> int:
+        return self.rope.nbytes() if self.rope is not None else 0
 
     def _bytes_by_kind(self) -> dict[str, int]:
         out = super()._bytes_by_kind()
-        out["positions"] = self.positions.nbytes()
+        out["positions"] = self.positions.storage_nbytes()
         out["rope"] = self.rope.nbytes() if self.rope is not None else 0
         return out
 
@@ -1204,18 +1149,14 @@ def retention_index(distance: torch.Tensor, gamma: float, real: torch.Tensor | N
 
 
 class _MiniGroup(_Group):
+    storage = ("direction_k", "direction_v", "index_k", "index_v")
+
     def __init__(self, cache: "MiniCache", layer_ids: list[int]) -> None:
         super().__init__(cache, layer_ids)
         self.direction_k: torch.Tensor | None = None
         self.direction_v: torch.Tensor | None = None
         self.index_k: torch.Tensor | None = None
         self.index_v: torch.Tensor | None = None
-
-    def tensors(self) -> list[torch.Tensor | None]:
-        return [self.direction_k, self.direction_v, self.index_k, self.index_v]
-
-    def set_tensors(self, tensors: list[torch.Tensor | None]) -> None:
-        self.direction_k, self.direction_v, self.index_k, self.index_v = tensors
 
     def compress(self, call: AttentionCall) -> None:
         cache: MiniCache = self.cache  # type: ignore[assignment]
@@ -1250,6 +1191,7 @@ class MiniCacheLayer(_PrefixLayer):
     original vectors of the retained tokens (``[batch, kv_heads, n, head_dim]``)."""
 
     group: _MiniGroup
+    storage = ("keys", "values", "magnitude_k", "magnitude_v", "retained_k", "retained_v")
 
     def __init__(self, cache: "MiniCache", group: _MiniGroup) -> None:
         super().__init__(cache, group)
@@ -1257,12 +1199,6 @@ class MiniCacheLayer(_PrefixLayer):
         self.magnitude_v: torch.Tensor | None = None
         self.retained_k: torch.Tensor | None = None
         self.retained_v: torch.Tensor | None = None
-
-    def own_tensors(self) -> list[torch.Tensor | None]:
-        return [self.magnitude_k, self.magnitude_v, self.retained_k, self.retained_v]
-
-    def set_own_tensors(self, tensors: list[torch.Tensor | None]) -> None:
-        self.magnitude_k, self.magnitude_v, self.retained_k, self.retained_v = tensors
 
     def prefix_logits(self, qg: torch.Tensor, cost: ReadCost) -> torch.Tensor:
         device = self.magnitude_k.device

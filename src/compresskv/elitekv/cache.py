@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import Cache
 
-from ..core.cache import CacheStats, CompressedCache, KVLayer, tensor_bytes
+from ..core.cache import CompressedCache, KVLayer
 from ..core.facts import model_dims
 
 
@@ -67,12 +67,7 @@ class EliteKVLayer(KVLayer):
                 f"{tuple(value_states.shape)}; it was built for another model (create one cache per model; an "
                 "EliteKVCache only works with the EliteKV-converted model it was built from)."
             )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.stored_before = self.keys.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.seen += key_states.shape[-2]
+        self.append(key_states, value_states)
         self.prefilled = True
         return self.keys, self.values
 
@@ -86,9 +81,6 @@ class EliteKVLayer(KVLayer):
         self.keys = self.keys[..., : self.keys.shape[-2] - n, :]
         self.values = self.values[..., : self.values.shape[-2] - n, :]
         self.seen -= n
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.keys, self.values)
 
 
 class EliteKVCache(CompressedCache):
@@ -122,24 +114,3 @@ class EliteKVCache(CompressedCache):
     def bytes_per_token(self, element_size: int = 4) -> int:
         """Bytes stored per token (all layers) at ``element_size`` bytes per element."""
         return len(self.layers) * (self.kv_dim + 2 * self.rope_pairs * self.num_kv_heads) * element_size
-
-    def uncompressed_nbytes(self) -> int:
-        """Bytes a ``DynamicCache`` of the original model would hold for the same tokens."""
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized and layer.keys is not None:
-                per_token = 2 * self.num_kv_heads * self.head_dim
-                total += layer.keys.shape[0] * layer.seen * per_token * layer.keys.element_size()
-        return total
-
-    def stats(self) -> CacheStats:
-        """Tokens seen and stored per layer (all of them: EliteKV compresses dims, not tokens), bytes
-        held and the ratio to the original model's uncompressed cache."""
-        stored = [int(layer.keys.shape[-2]) if layer.is_initialized else 0 for layer in self.layers]
-        return CacheStats(
-            method=self.method,
-            tokens_seen=self.get_seq_length(0),
-            tokens_stored=stored,
-            nbytes=self.nbytes(),
-            uncompressed_nbytes=self.uncompressed_nbytes(),
-        )

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from ..core.lse import merge_softmax
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -536,8 +538,8 @@ def merge_with_tail(
     ``tail_k``/``tail_v`` are ``[batch, kv_heads, n_tail, d]`` (earlier decoded tokens, then the
     ``q_len`` new ones), ``tail_valid`` their ``[batch, n_tail]`` (or ``[batch, kv_heads, n_tail]``)
     validity (``None``: all real).
-    The tail is attended in fp32 under :func:`tail_mask` and the two softmaxes merged exactly:
-    ``lse = logaddexp(lse_p, lse_t)``, ``out = out_p·e^(lse_p−lse) + out_t·e^(lse_t−lse)``.
+    The tail is attended in fp32 under :func:`tail_mask` and the two softmaxes merged exactly by
+    :func:`compresskv.core.lse.merge_softmax`.
     Returns ``[batch, kv_heads, R, d]`` in the query's dtype (zeros for a row that sees nothing).
     """
     q = query_groups.float()
@@ -548,11 +550,7 @@ def merge_with_tail(
     mask = tail_mask(tail_valid, n_tail, q_len, q.shape[2] // q_len, q.device)
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
-    tail_lse = torch.logsumexp(logits, dim=-1)
-    lse = torch.logaddexp(prefix_lse, tail_lse)
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(logits - safe[..., None])  # normalised by the joint lse: no second pass
-    out = prefix_out * torch.exp(prefix_lse - safe)[..., None] + probs @ tail_v.float()
+    out = merge_softmax(prefix_out, prefix_lse, logits, tail_v)
     return out.to(query_groups.dtype)
 
 

@@ -49,7 +49,7 @@ import torch
 
 from ..core.attention import AttentionCall
 from ..core.cache import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
-from ..core.lse import attention_with_lse
+from ..core.lse import attention_with_lse, merge_softmax
 from .projections import Projections, calibrate
 
 MODES = ("projected", "projected_explicit", "reconstruct")
@@ -113,6 +113,7 @@ class ProjectedLayer(KVLayer):
     #: explicit path's GEMMs measured 15-25% faster than the CPU flash kernel at rank 16 and on par
     #: at rank 32 (one thread, 2k-16k tokens, batch 1-8); the tests still run the fused path on CPU.
     fused_devices: tuple[str, ...] = ("cuda",)
+    storage = ("k_latent", "v_latent", "sink_index", "sink_k", "sink_v")
 
     def __init__(self, cache: "MatryoshkaKVCache", layer_idx: int) -> None:
         super().__init__()
@@ -278,16 +279,7 @@ class ProjectedLayer(KVLayer):
         lse_old = _assemble(lses, f.k_inverse)  # [b, kv, rows]
         lse_old = lse_old + torch.matmul(q, f.mu_k[None, :, :, None]).squeeze(-1).float() * call.scaling
         new_logits = self._new_logits(q, call, groups)
-        # Merge relative to the row maximum and normalise explicitly (rather than by logaddexp): a
-        # padding query whose every key is masked has lse_old ≈ finfo.min, where log T is lost, and
-        # must still get finite, normalised weights (its output is unused, but NaN would spread).
-        top = torch.maximum(lse_old, new_logits.amax(dim=-1))
-        w_old = (lse_old - top).exp_()
-        p_new = (new_logits - top.unsqueeze(-1)).exp_()
-        total = w_old + p_new.sum(dim=-1)
-        w_old = (w_old / total).unsqueeze(-1).to(query.dtype)
-        p_new = (p_new / total.unsqueeze(-1)).to(query.dtype)
-        out = (old + f.mu_v[None, :, None, :]) * w_old + torch.matmul(p_new, call.value)
+        out = merge_softmax(old + f.mu_v[None, :, None, :], lse_old, new_logits, call.value).to(query.dtype)
         out = out.view(bsz, n_kv, groups, q_len, dim).reshape(bsz, n_q, q_len, dim)
         return out.transpose(1, 2).contiguous(), None
 
@@ -354,48 +346,17 @@ class ProjectedLayer(KVLayer):
     def stored(self) -> int:
         return int(self.k_latent[0].shape[-2]) if self.is_initialized and self.k_latent else 0
 
-    def nbytes(self) -> int:
-        """Bytes of the stored latents, the validity mask (if any) and the projection columns and
-        means this layer holds."""
-        factors = self.factors.nbytes() if self.factors is not None else 0
-        sinks = tensor_bytes(self.sink_index, self.sink_k, self.sink_v)
-        return tensor_bytes(*self.k_latent, *self.v_latent, self.valid) + factors + sinks
+    def held_nbytes(self) -> int:
+        """The projection columns and means this layer keeps for reading."""
+        return self.factors.nbytes() if self.factors is not None else 0
 
     def latent_nbytes(self) -> int:
         return tensor_bytes(*self.k_latent, *self.v_latent)
 
     def reset(self) -> None:
         super().reset()
-        self.k_latent, self.v_latent = [], []
         self.factors = None
         self._new = None
-        self.sink_index = self.sink_k = self.sink_v = None
-
-    def _select_batch(self, fn: Any) -> None:
-        if self.is_initialized:
-            self.k_latent = [fn(t) for t in self.k_latent]
-            self.v_latent = [fn(t) for t in self.v_latent]
-            self.map_valid(fn)
-            if self.sink_index is not None:
-                self.sink_index, self.sink_k, self.sink_v = fn(self.sink_index), fn(self.sink_k), fn(self.sink_v)
-
-    def offload(self) -> None:
-        if self.is_initialized:
-            self.k_latent = [t.to("cpu", non_blocking=True) for t in self.k_latent]
-            self.v_latent = [t.to("cpu", non_blocking=True) for t in self.v_latent]
-            self.map_valid(lambda t: t.to("cpu", non_blocking=True))
-            if self.sink_index is not None:
-                self.sink_index, self.sink_k, self.sink_v = (
-                    t.to("cpu", non_blocking=True) for t in (self.sink_index, self.sink_k, self.sink_v))
-
-    def prefetch(self) -> None:
-        if self.is_initialized:
-            self.k_latent = [t.to(self.device, non_blocking=True) for t in self.k_latent]
-            self.v_latent = [t.to(self.device, non_blocking=True) for t in self.v_latent]
-            self.map_valid(lambda t: t.to(self.device, non_blocking=True))
-            if self.sink_index is not None:
-                self.sink_index, self.sink_k, self.sink_v = (
-                    t.to(self.device, non_blocking=True) for t in (self.sink_index, self.sink_k, self.sink_v))
 
 
 @dataclass
@@ -510,42 +471,14 @@ class MatryoshkaKVCache(CompressedCache):
 
         return kept_fraction(self.ranks_k, self.ranks_v, self.head_dim, self.full_layers)
 
-    def uncompressed_nbytes(self) -> int:
-        """Bytes a ``DynamicCache`` would hold for the same tokens in the same dtype."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, ProjectedLayer):
-                if layer.is_initialized and layer.k_latent:
-                    bsz, elem = layer.k_latent[0].shape[0], layer.k_latent[0].element_size()
-                    total += bsz * layer.seen * self.num_kv_heads * 2 * self.head_dim * elem
-            else:
-                total += tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
-        return total
-
     def stats(self) -> ProjectedStats:
-        stored: list[int | None] = []
-        ranks_k: list[list[int] | None] = []
-        ranks_v: list[list[int] | None] = []
-        for layer in self.layers:
-            if isinstance(layer, ProjectedLayer):
-                stored.append(layer.stored())
-                ranks_k.append(list(layer.ranks_k))
-                ranks_v.append(list(layer.ranks_v))
-            else:
-                keys = getattr(layer, "keys", None)
-                stored.append(int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None)
-                ranks_k.append(None)
-                ranks_v.append(None)
+        projected = [isinstance(layer, ProjectedLayer) for layer in self.layers]
         return ProjectedStats(
-            method=self.method,
-            tokens_seen=self.get_seq_length(self.full_layers[0]),
-            tokens_stored=stored,
-            nbytes=self.nbytes(),
-            uncompressed_nbytes=self.uncompressed_nbytes(),
+            **self.stats_fields(),
             mode=self.mode,
             rank_source=self.rank_source,
-            ranks_k=ranks_k,
-            ranks_v=ranks_v,
+            ranks_k=[list(layer.ranks_k) if p else None for layer, p in zip(self.layers, projected)],
+            ranks_v=[list(layer.ranks_v) if p else None for layer, p in zip(self.layers, projected)],
         )
 
 
