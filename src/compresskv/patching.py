@@ -33,8 +33,21 @@ def available_methods() -> list[str]:
 
 def method_options(method: str) -> list[str]:
     """The keyword options ``patch(model, method, ...)`` accepts for ``method``."""
-    params = inspect.signature(_factory(method)).parameters
-    return [n for n, p in list(params.items())[1:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return factory_options(_factory(method))
+
+
+def factory_options(factory: Any) -> list[str]:
+    """Keyword options of a cache factory after ``model``. A class whose ``__init__`` forwards
+    ``**kwargs`` to its parent's (a method declares only what it adds) gets its parents' too."""
+    targets = [c.__init__ for c in factory.__mro__ if "__init__" in vars(c)] if isinstance(factory, type) else [factory]
+    found: list[list[str]] = []
+    for fn in targets:
+        params = list(inspect.signature(fn).parameters.values())
+        params = params[2:] if isinstance(factory, type) else params[1:]  # self, model
+        found.append([p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)])
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(name for names in reversed(found) for name in names))  # the base's first
 
 
 def _factory(method: str) -> CacheFactory:

@@ -292,7 +292,7 @@ def refuse_mla(model: torch.nn.Module, owner: str) -> None:
 class CompressedCache(Cache):
     """Base of compresskv's caches: a ``Cache`` whose full-attention layers are :class:`KVLayer`s.
 
-    Subclasses implement :meth:`make_layer` to build the layer for the ``rank``-th full-attention
+    Subclasses implement :meth:`make_layer` to build the layer for the ``index``-th full-attention
     layer (of ``n_full``). Creating a cache installs compresskv's attention on ``model``
     (:func:`compresskv.core.attention.install`); that attention computes exactly what the model's own
     did for any layer that is not compressed.
@@ -316,14 +316,15 @@ class CompressedCache(Cache):
         self.num_kv_heads, self.head_dim = kv_heads, head_dim
         expected = (dims["layers"], kv_heads, head_dim)
         layers: list[Any] = list(plain)
-        for rank, idx in enumerate(full):
-            layer = self.make_layer(rank, len(full))
+        for index, idx in enumerate(full):
+            layer = self.make_layer(index, len(full))
             layer.expected = expected
             layer.layer_idx = idx
             layers[idx] = layer
         super().__init__(layers=layers)
 
-    def make_layer(self, rank: int, n_full: int) -> KVLayer:
+    def make_layer(self, index: int, n_full: int) -> KVLayer:
+        """The layer for the ``index``-th of the model's ``n_full`` full-attention layers."""
         return KVLayer()
 
     def update(

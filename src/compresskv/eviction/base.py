@@ -11,7 +11,7 @@ handed over by compresskv's attention function, so no model-specific code is nee
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -155,12 +155,12 @@ def streaming_scores(
 
 # -- layers and caches ---------------------------------------------------------------------------
 class EvictionLayer(KVLayer):
-    """A full-attention layer that evicts what its cache's policy says after the prompt: once
+    """A full-attention layer that evicts what its cache's scores say after the prompt: once
     after a whole prompt, or after each chunk of a chunked one."""
 
-    def __init__(self, policy: "EvictionCache", rank: int, n_full: int) -> None:
+    def __init__(self, cache: "EvictionCache", index: int, n_full: int) -> None:
         super().__init__()
-        self.policy, self.rank, self.n_full = policy, rank, n_full
+        self.cache, self.index, self.n_full = cache, index, n_full
 
     def compress(self, call: AttentionCall) -> None:
         """Evict after the prompt's first (or only) forward."""
@@ -188,7 +188,7 @@ class EvictionLayer(KVLayer):
             lengths = [seen] * bsz
         plans: dict[tuple[int, int] | None, list[int]] = {}
         for row, length in enumerate(lengths):
-            plan = self.policy.plan(int(length), self.rank, self.n_full)
+            plan = self.cache.plan(int(length), self.index, self.n_full)
             plans.setdefault(None if plan is None or plan[0] >= length else plan, []).append(row)
         if list(plans) == [None]:
             return
@@ -203,7 +203,7 @@ class EvictionLayer(KVLayer):
                 continue
             n_keep, window = plan
             window = min(window, q_len)  # a chunk shorter than the window scores with all its queries
-            scores = self.policy.scores(
+            scores = self.cache.scores(
                 call.query[sel], self.keys[sel], valid[sel] if valid is not None else None, window, call.scaling
             )
             # A stable sort breaks ties (pooling makes plateaus) by position, on every device and
@@ -233,6 +233,8 @@ class EvictionCache(CompressedCache):
         compression_ratio: float | None = None,
         window_size: int = 32,
     ) -> None:
+        if not isinstance(window_size, int) or window_size < 0:
+            raise ValueError(f"{type(self).__name__}: window_size must be an int >= 0, got {window_size!r}.")
         if (budget is None) == (compression_ratio is None):
             raise ValueError(
                 f"{type(self).__name__}: give exactly one of budget= (tokens kept per layer) or "
@@ -254,8 +256,8 @@ class EvictionCache(CompressedCache):
         self.budget, self.compression_ratio, self.window_size = budget, compression_ratio, window_size
         super().__init__(model)
 
-    def make_layer(self, rank: int, n_full: int) -> KVLayer:
-        return EvictionLayer(self, rank, n_full)
+    def make_layer(self, index: int, n_full: int) -> KVLayer:
+        return EvictionLayer(self, index, n_full)
 
     def layer_budget(self, seq_len: int) -> tuple[int, int]:
         """(average tokens kept per layer, recent window kept) for a prompt of ``seq_len`` tokens."""
@@ -265,8 +267,9 @@ class EvictionCache(CompressedCache):
         # A ratio can leave fewer tokens than the window: then the window takes at most half.
         return kept, min(self.window_size, max(1, kept // 2))
 
-    def plan(self, seq_len: int, rank: int, n_full: int) -> tuple[int, int] | None:
-        """(tokens kept, of which recent window) for the ``rank``-th compressed layer, or ``None``."""
+    def plan(self, seq_len: int, index: int, n_full: int) -> tuple[int, int] | None:
+        """(tokens kept, of which recent window) for the ``index``-th of ``n_full`` compressed
+        layers and a row of ``seq_len`` real tokens, or ``None`` (keep everything)."""
         kept, window = self.layer_budget(seq_len)
         return None if seq_len <= kept else (kept, window)
 
@@ -281,23 +284,16 @@ class EvictionCache(CompressedCache):
 
 
 class _SnapScoring(EvictionCache):
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        budget: int | None = None,
-        compression_ratio: float | None = None,
-        window_size: int = 32,
-        kernel_size: int = 7,
-        pooling: Pooling = "maxpool",
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, *, kernel_size: int = 7, pooling: Pooling = "maxpool", **kwargs: Any) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"{type(self).__name__}: pooling must be one of {list(POOLINGS)}, got {pooling!r}.")
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"{type(self).__name__}: kernel_size must be an odd int >= 1, got {kernel_size!r}.")
+        window_size = kwargs.get("window_size", 32)
         if not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f"{type(self).__name__}: window_size must be an int >= 1, got {window_size!r}.")
         self.kernel_size, self.pooling = kernel_size, pooling
-        super().__init__(model, budget=budget, compression_ratio=compression_ratio, window_size=window_size)
+        super().__init__(model, **kwargs)
 
     def scores(
         self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float
@@ -332,25 +328,16 @@ class PyramidKVCache(_SnapScoring):
 
     method = "pyramidkv"
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        budget: int | None = None,
-        compression_ratio: float | None = None,
-        window_size: int = 32,
-        kernel_size: int = 7,
-        pooling: Pooling = "maxpool",
-        beta: int = 20,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, *, beta: int = 20, **kwargs: Any) -> None:
         if not isinstance(beta, int) or beta < 1:
             raise ValueError(f"PyramidKVCache: beta must be an int >= 1, got {beta!r}.")
         self.beta = beta
-        super().__init__(model, budget, compression_ratio, window_size, kernel_size, pooling)
+        super().__init__(model, **kwargs)
 
-    def plan(self, seq_len: int, rank: int, n_full: int) -> tuple[int, int] | None:
+    def plan(self, seq_len: int, index: int, n_full: int) -> tuple[int, int] | None:
         kept, window = self.layer_budget(seq_len)
         budgets = pyramid_budgets(seq_len, kept, window, n_full, self.beta)
-        return None if budgets is None else (budgets[rank], window)
+        return None if budgets is None else (budgets[index], window)
 
 
 class StreamingLLMCache(EvictionCache):
@@ -393,7 +380,7 @@ class StreamingLLMCache(EvictionCache):
         # Recency is part of the scores, so no window is forced (window_size=0).
         super().__init__(model, budget=budget, compression_ratio=compression_ratio, window_size=0)
 
-    def plan(self, seq_len: int, rank: int, n_full: int) -> tuple[int, int] | None:
+    def plan(self, seq_len: int, index: int, n_full: int) -> tuple[int, int] | None:
         if self.budget is not None:
             kept = self.budget
         else:

@@ -5,6 +5,8 @@ eviction base's."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .base import EvictionCache
@@ -22,16 +24,8 @@ class KnormCache(EvictionCache):
 
     method = "knorm"
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        budget: int | None = None,
-        compression_ratio: float | None = None,
-        window_size: int = 0,
-    ) -> None:
-        if not isinstance(window_size, int) or window_size < 0:
-            raise ValueError(f"KnormCache: window_size must be an int >= 0, got {window_size!r}.")
-        super().__init__(model, budget=budget, compression_ratio=compression_ratio, window_size=window_size)
+    def __init__(self, model: torch.nn.Module, *, window_size: int = 0, **kwargs: Any) -> None:
+        super().__init__(model, window_size=window_size, **kwargs)  # the paper keeps no window
 
     def scores(
         self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float
