@@ -238,7 +238,7 @@ def test_activation_aware_svd_beats_weight_svd_on_activations():
     dims = elitekv.model_dims(model)
     pairs = ranking.select(2)[0]
     _, w_err = elitekv.jlrd_weights(attn, pairs, 8, dims, moment)
-    from compresskv.elitekv.jlrd import factorize
+    from compresskv.elitekv.factorization import factorize
 
     joint = torch.cat([attn.k_proj.weight, attn.v_proj.weight]).double()
     up_w, down_w = factorize(joint, 8)

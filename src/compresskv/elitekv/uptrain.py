@@ -42,7 +42,7 @@ class UptrainConfig:
 
 
 def _trainable_names(model: torch.nn.Module, trainable: str) -> list[str]:
-    from .jlrd import EliteKVAttention
+    from .attention import EliteKVAttention
 
     if trainable == "all":
         return [n for n, _ in model.named_parameters()]
