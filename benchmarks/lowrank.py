@@ -166,11 +166,12 @@ def projections(args: argparse.Namespace, model: Any, tokenizer: Any, timings: d
             trained.save_pretrained(path("trained" + tag))
         out["trained" + tag] = trained
     for name, proj in out.items():
-        if all(proj.allocation(b) is not None for b in args.budgets) and not args.reallocate:
+        if all(proj.allocation(compression_ratio=1 - b) is not None for b in args.budgets) and not args.reallocate:
             continue
         sink = sinks[SINK] if name.endswith(SINK) else 0
         start = time.perf_counter()
-        compresskv.allocate_ranks(model, proj, alloc_text, budget=args.budgets, seq_len=args.alloc_seq_len,
+        compresskv.allocate_ranks(model, proj, alloc_text, compression_ratio=[1 - b for b in args.budgets],
+                                  seq_len=args.alloc_seq_len,
                                   max_windows=args.alloc_windows, round_fraction=args.alloc_round, sink_tokens=sink)
         timings[f"allocate_{name}_s"] = time.perf_counter() - start
         say(f"allocated {name} ranks for {args.budgets} in {timings[f'allocate_{name}_s']:.0f} s")
@@ -186,7 +187,8 @@ def make_cache(model: Any, projs: dict[str, Any], variant: str, budget: float, m
                sink_tokens: int = 0) -> Any:
     base, sink = variant.split("+")[0], SINK in variant
     source, how = base.split("-")
-    return compresskv.MatryoshkaKVCache(model, projs[source + (SINK if sink else "")], budget=budget, mode=mode,
+    return compresskv.MatryoshkaKVCache(model, projs[source + (SINK if sink else "")], compression_ratio=1 - budget,
+                                        mode=mode,
                                         use_allocation=(how == "allocated"), sink_tokens=sink_tokens if sink else 0)
 
 
@@ -440,8 +442,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "orthogonality": p.orthogonality_error(), "history": p.options["training"]["history"]}
                      for n, p in projs.items() if n.startswith("trained")},
         "allocation": {n: p.options["allocation"] for n, p in projs.items()},
-        "allocations": {name: {f"{b:g}": {"ranks_k": p.allocation(b)[0].tolist(), "ranks_v": p.allocation(b)[1].tolist(),
-                                          "kept": kept_fraction(*p.allocation(b), p.head_dim)}
+        "allocations": {name: {f"{b:g}": {"ranks_k": p.allocation(compression_ratio=1 - b)[0].tolist(),
+                                          "ranks_v": p.allocation(compression_ratio=1 - b)[1].tolist(),
+                                          "kept": kept_fraction(*p.allocation(compression_ratio=1 - b), p.head_dim)}
                                for b in args.budgets} for name, p in projs.items()},
         "rows": rows,
         "speed": speed_rows,

@@ -30,7 +30,7 @@ def _entry_points(model):
         "compresskv.calibrate": lambda texts: compresskv.calibrate(model, texts, tokenizer=tok, seq_len=16, progress=False),
         "matryoshka.calibrate": lambda texts: matryoshka.calibrate(model, texts, tokenizer=tok, seq_len=16, progress=False),
         "allocate_ranks": lambda texts: compresskv.allocate_ranks(
-            model, _projections(model), texts, budget=0.5, tokenizer=tok, seq_len=16, progress=False),
+            model, _projections(model), texts, compression_ratio=0.5, tokenizer=tok, seq_len=16, progress=False),
         "train_projections": lambda texts: compresskv.train_projections(
             model, _projections(model), texts, tokenizer=tok, seq_len=16, steps=1, batch_size=1, progress=False),
         "elitekv.rank_frequencies": lambda texts: elitekv.rank_frequencies(

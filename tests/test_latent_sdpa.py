@@ -267,7 +267,7 @@ def test_matryoshka_full_rank_generate_through_the_fused_path_matches_dynamic_ca
                         lambda layer, call: ran.append(1) or real(layer, call))
     explicit = []
     monkeypatch.setattr(ProjectedLayer, "projected_attention", lambda layer, call: explicit.append(1))
-    seq, logits = greedy(model, ids, mask, compresskv.MatryoshkaKVCache(model, p, budget=1.0))
+    seq, logits = greedy(model, ids, mask, compresskv.MatryoshkaKVCache(model, p, compression_ratio=0.0))
     assert len(ran) == 4 * 5 and not explicit  # every decode step of every layer, none explicit
     assert torch.equal(seq, ref_seq)
     assert (logits - ref_logits).abs().max().item() <= 1e-4

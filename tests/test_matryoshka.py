@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import compresskv
-from compresskv.projected.projections import Projections, cayley, kept_fraction
+from compresskv.projected.projections import Projections, kept_fraction
+from compresskv.projected.training import cayley
 from conftest import VOCAB, batch_inputs, dynamic, greedy, tiny_model, kv
 
 MODES = ("projected", "reconstruct")
@@ -52,7 +53,7 @@ def test_full_rank_matches_dynamic_cache(config, attn, batch):
     ids, mask = batch_inputs(batch)
     ref_seq, ref_logits = greedy(model, ids, mask, dynamic(model))
     for mode in MODES:
-        for options in (dict(budget=1.0), dict(rank=p.head_dim)):
+        for options in (dict(compression_ratio=0.0), dict(rank=p.head_dim)):
             cache = compresskv.MatryoshkaKVCache(model, p, mode=mode, **options)
             seq, logits = greedy(model, ids, mask, cache)
             assert torch.equal(seq, ref_seq), (mode, options)
@@ -168,13 +169,14 @@ def test_beam_search_at_full_rank_matches_dynamic_cache():
     ids, mask = batch_inputs(2)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
     ref = model.generate(**kv(dynamic(model)), **kwargs)
-    out = model.generate(**kv(compresskv.MatryoshkaKVCache(model, p, budget=1.0)), **kwargs)
+    out = model.generate(**kv(compresskv.MatryoshkaKVCache(model, p, compression_ratio=0.0)), **kwargs)
     assert torch.equal(out, ref)
 
 
 # -- memory -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("options", [dict(budget=1.0), dict(budget=0.75), dict(budget=0.5), dict(budget=0.375),
-                                     dict(budget=0.25), dict(compression_ratio=0.5), dict(rank=3), "uneven"])
+@pytest.mark.parametrize("options", [dict(compression_ratio=0.0), dict(compression_ratio=0.25),
+                                     dict(compression_ratio=0.5), dict(compression_ratio=0.625),
+                                     dict(compression_ratio=0.75), dict(compression_ratio=0.5), dict(rank=3), "uneven"])
 def test_nbytes_is_tokens_times_ranks_plus_projections(options):
     model, p = model_and_projections()
     options = dict(ranks=uneven_ranks(p)) if options == "uneven" else options
@@ -195,8 +197,8 @@ def test_nbytes_is_tokens_times_ranks_plus_projections(options):
     assert stats.uncompressed_nbytes == 2 * tokens * p.num_layers * p.num_kv_heads * 2 * d * elem
     assert stats.ratio == pytest.approx(cache.nbytes() / stats.uncompressed_nbytes)
     assert stats.tokens_stored == [tokens] * p.num_layers and stats.ranks_k[0] == rk[0].tolist()
-    if "budget" in options:
-        assert kept_fraction(rk, rv, d) == pytest.approx(options["budget"], abs=0.5 / d)
+    if "compression_ratio" in options:
+        assert kept_fraction(rk, rv, d) == pytest.approx(1 - options["compression_ratio"], abs=0.5 / d)
 
 
 # -- calibration artifacts ----------------------------------------------------------------------------
@@ -239,10 +241,10 @@ def test_calibration_accepts_strings_with_a_tokenizer():
 
 def test_save_and_load_and_refuse_other_models(tmp_path):
     model, p = model_and_projections()
-    compresskv.allocate_ranks(model, p, calib_ids(1), budget=0.5, seq_len=48, progress=False)
+    compresskv.allocate_ranks(model, p, calib_ids(1), compression_ratio=0.5, seq_len=48, progress=False)
     p.save_pretrained(tmp_path / "proj")
     back = compresskv.Projections.from_pretrained(tmp_path / "proj", model)
-    assert back.budgets == [0.5] and back.method == "pca"
+    assert back.compression_ratios == [0.5] and back.method == "pca"
     for name in ("U_k", "U_v", "mu_k", "mu_v", "ranks_k@0.5"):
         assert torch.equal(back.tensors[name], p.tensors[name])
     deeper = tiny_model("llama", layers=6)
@@ -250,7 +252,7 @@ def test_save_and_load_and_refuse_other_models(tmp_path):
         compresskv.Projections.from_pretrained(tmp_path / "proj", deeper)
     other_rope = tiny_model("llama", rope_theta=500.0)
     with pytest.raises(ValueError, match="config hash"):
-        compresskv.MatryoshkaKVCache(other_rope, back, budget=0.5)
+        compresskv.MatryoshkaKVCache(other_rope, back, compression_ratio=0.5)
 
 
 # -- training -------------------------------------------------------------------------------------------
@@ -269,7 +271,7 @@ def test_training_keeps_u_orthogonal_and_the_model_frozen():
     # Trained projections are still exact at full rank.
     ids, mask = batch_inputs(3)
     ref = greedy(model, ids, mask, dynamic(model))[1]
-    logits = greedy(model, ids, mask, compresskv.MatryoshkaKVCache(model, trained, budget=1.0))[1]
+    logits = greedy(model, ids, mask, compresskv.MatryoshkaKVCache(model, trained, compression_ratio=0.0))[1]
     assert (logits - ref).abs().max().item() <= 1e-4
 
 
@@ -283,21 +285,21 @@ def test_cayley_is_orthogonal_and_zero_maps_to_identity():
 # -- rank allocation ---------------------------------------------------------------------------------------
 def test_allocation_meets_each_budget_and_is_nested():
     model, p = model_and_projections()
-    compresskv.allocate_ranks(model, p, calib_ids(2), budget=[0.75, 0.5, 0.25], seq_len=48, progress=False)
-    assert p.budgets == [0.25, 0.5, 0.75]
+    compresskv.allocate_ranks(model, p, calib_ids(2), compression_ratio=[0.25, 0.5, 0.75], seq_len=48, progress=False)
+    assert p.compression_ratios == [0.25, 0.5, 0.75]
     d, step = p.head_dim, p.options["allocation"]["step"]
     previous = None
     for budget in (0.75, 0.5, 0.25):
-        rk, rv = p.allocation(budget)
+        rk, rv = p.allocation(compression_ratio=1 - budget)
         assert kept_fraction(rk, rv, d) == pytest.approx(budget)
         for r in (rk, rv):
             assert int(r.min()) >= step and int(r.max()) <= d and bool((r % step == 0).all())
         if previous is not None:  # one greedy path: ranks only go down
             assert bool((rk <= previous[0]).all() and (rv <= previous[1]).all())
         previous = (rk, rv)
-    cache = compresskv.MatryoshkaKVCache(model, p, budget=0.5)
-    assert cache.rank_source == "allocated@0.5" and torch.equal(cache.ranks_k, p.allocation(0.5)[0])
-    uniform = compresskv.MatryoshkaKVCache(model, p, budget=0.5, use_allocation=False)
+    cache = compresskv.MatryoshkaKVCache(model, p, compression_ratio=0.5)
+    assert cache.rank_source == "allocated@0.5" and torch.equal(cache.ranks_k, p.allocation(compression_ratio=0.5)[0])
+    uniform = compresskv.MatryoshkaKVCache(model, p, compression_ratio=0.5, use_allocation=False)
     assert uniform.rank_source == "uniform@0.5" and int(uniform.ranks_k.max()) == d // 2
     assert model.config._attn_implementation in ("sdpa", "compresskv_sdpa")
 
@@ -306,9 +308,9 @@ def test_training_and_allocation_for_the_sink_option():
     model, p = model_and_projections()
     trained = compresskv.train_projections(model, p, calib_ids(2), steps=2, seq_len=48, sink_tokens=1, progress=False)
     assert trained.options["training"]["sink_tokens"] == 1 and trained.orthogonality_error() <= 1e-5
-    compresskv.allocate_ranks(model, trained, calib_ids(1), budget=0.5, seq_len=48, sink_tokens=1, progress=False)
+    compresskv.allocate_ranks(model, trained, calib_ids(1), compression_ratio=0.5, seq_len=48, sink_tokens=1, progress=False)
     assert trained.options["allocation"]["sink_tokens"] == 1
-    rk, rv = trained.allocation(0.5)
+    rk, rv = trained.allocation(compression_ratio=0.5)
     assert kept_fraction(rk, rv, trained.head_dim) == pytest.approx(0.5)
 
 
@@ -316,12 +318,12 @@ def test_training_and_allocation_for_the_sink_option():
 def test_patch_matryoshka_and_pca():
     model, p = model_and_projections()
     ids, mask = batch_inputs(2)
-    compresskv.patch(model, "matryoshka", projections=p, budget=0.5)
+    compresskv.patch(model, "matryoshka", projections=p, compression_ratio=0.5)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (2, ids.shape[1] + 3)
     compresskv.unpatch(model)
     assert {"matryoshka", "pca"} <= set(compresskv.available_methods())
-    assert {"projections", "budget", "compression_ratio", "rank", "ranks", "mode"} <= set(
+    assert {"projections", "compression_ratio", "rank", "ranks", "mode"} <= set(
         compresskv.method_options("matryoshka"))
     texts = calib_ids(2)
     first = compresskv.make_cache(model, "pca", compression_ratio=0.5, texts=texts, seq_len=48)
@@ -339,21 +341,21 @@ def test_pca_without_projections_or_texts_is_a_clear_error():
         compresskv.make_cache(model, "matryoshka", compression_ratio=0.5)
     trained = compresskv.train_projections(model, p, calib_ids(1), steps=1, seq_len=48, progress=False)
     with pytest.raises(ValueError, match="matryoshka"):
-        compresskv.make_cache(model, "pca", projections=trained, budget=0.5)
+        compresskv.make_cache(model, "pca", projections=trained, compression_ratio=0.5)
 
 
 # -- bad input -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("options,words", [
     (dict(rank=0), ["rank", "[1, head_dim=16]"]),
     (dict(rank=17), ["rank", "[1, head_dim=16]"]),
-    (dict(budget=0.0), ["budget", "(0, 1]"]),
-    (dict(budget=1.5), ["budget", "(0, 1]"]),
-    (dict(budget=-0.5), ["budget", "(0, 1]"]),
     (dict(compression_ratio=1.0), ["compression_ratio", "[0, 1)"]),
-    (dict(budget=0.5, rank=4), ["exactly one"]),
-    (dict(), ["exactly one", "budget"]),
-    (dict(budget=0.5, mode="fast"), ["mode", "projected", "reconstruct"]),
-    (dict(budget=0.5, sink_tokens=-1), ["sink_tokens"]),
+    (dict(compression_ratio=-0.5), ["compression_ratio", "[0, 1)"]),
+    (dict(compression_ratio=1.5), ["compression_ratio", "[0, 1)"]),
+    (dict(compression_ratio=1.0), ["compression_ratio", "[0, 1)"]),
+    (dict(compression_ratio=0.5, rank=4), ["exactly one"]),
+    (dict(), ["exactly one", "compression_ratio"]),
+    (dict(compression_ratio=0.5, mode="fast"), ["mode", "projected", "reconstruct"]),
+    (dict(compression_ratio=0.5, sink_tokens=-1), ["sink_tokens"]),
     (dict(ranks=(torch.full((4, 3), 4), torch.full((4, 3), 4))), ["ranks_k", "[4, 2]"]),
     (dict(ranks=(torch.full((4, 2), 4), torch.full((4, 2), 99))), ["ranks_v", "[1, head_dim=16]"]),
 ])
@@ -363,6 +365,51 @@ def test_bad_cache_options(options, words):
         compresskv.MatryoshkaKVCache(model, p, **options)
     for word in words:
         assert word in str(err.value)
+
+
+def test_old_budget_spellings_are_refused_naming_compression_ratio():
+    """``budget`` (the fraction kept) was renamed ``compression_ratio`` (the fraction removed, as
+    everywhere in compresskv): the old spellings, and a positional value where the budget was,
+    raise a TypeError that names the new parameter and the conversion."""
+    model, p = model_and_projections()
+    calls = {
+        "MatryoshkaKVCache(budget=)": lambda: compresskv.MatryoshkaKVCache(model, p, budget=0.5),
+        "MatryoshkaKVCache(positional)": lambda: compresskv.MatryoshkaKVCache(model, p, 0.5),
+        "PCAKVCache(budget=)": lambda: compresskv.PCAKVCache(model, p, budget=0.5),
+        "allocate_ranks(budget=)": lambda: compresskv.allocate_ranks(model, p, calib_ids(1), budget=[0.5], seq_len=48,
+                                                                     progress=False),
+        "allocate_ranks(positional)": lambda: compresskv.allocate_ranks(model, p, calib_ids(1), 0.5, seq_len=48,
+                                                                        progress=False),
+        "allocation(positional)": lambda: p.allocation(0.5),
+        "allocation(budget=)": lambda: p.allocation(budget=0.5),
+        "add_allocation(budget=)": lambda: p.add_allocation(budget=0.5, ranks_k=None, ranks_v=None),
+        "uniform_ranks(positional)": lambda: p.uniform_ranks(0.5),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError) as err:
+            call()
+        assert "compression_ratio" in str(err.value) and "1 - budget" in str(err.value), name
+    with pytest.raises(AttributeError, match="compression_ratios"):
+        p.budgets
+    assert "budget" not in compresskv.method_options("matryoshka")
+    assert "budget" not in compresskv.method_options("pca")
+    # PCAKVCache declares only what it adds and forwards the rest: its options are Matryoshka's too.
+    assert set(compresskv.method_options("matryoshka")) < set(compresskv.method_options("pca"))
+
+
+def test_allocations_saved_by_earlier_versions_still_load(tmp_path):
+    """Stored allocations are keyed by the fraction kept (``ranks_k@0.75`` and
+    ``options["allocations"] == [0.75]``), as every earlier version wrote them."""
+    model, p = model_and_projections()
+    rk, rv = uneven_ranks(p)
+    p.tensors["ranks_k@0.75"], p.tensors["ranks_v@0.75"] = rk.to(torch.int32), rv.to(torch.int32)
+    p.options["allocations"] = [0.75]
+    p.save_pretrained(tmp_path / "old")
+    back = compresskv.Projections.from_pretrained(tmp_path / "old", model)
+    assert back.compression_ratios == [0.25]
+    assert torch.equal(back.allocation(compression_ratio=0.25)[0], rk)
+    cache = compresskv.MatryoshkaKVCache(model, back, compression_ratio=0.25)
+    assert cache.rank_source == "allocated@0.25" and torch.equal(cache.ranks_v, rv)
 
 
 def test_bad_calibration_training_and_allocation_input():
@@ -377,14 +424,14 @@ def test_bad_calibration_training_and_allocation_input():
         compresskv.train_projections(model, p, calib_ids(1), steps=0, seq_len=48, progress=False)
     with pytest.raises(ValueError, match="rank_set"):
         compresskv.train_projections(model, p, calib_ids(1), steps=1, seq_len=48, rank_set=[0, 8], progress=False)
-    with pytest.raises(ValueError, match=r"budget.*\(0, 1\]"):
-        compresskv.allocate_ranks(model, p, calib_ids(1), budget=0.0, seq_len=48, progress=False)
+    with pytest.raises(ValueError, match=r"compression_ratio.*\[0, 1\)"):
+        compresskv.allocate_ranks(model, p, calib_ids(1), compression_ratio=1.0, seq_len=48, progress=False)
     with pytest.raises(ValueError, match="smallest reachable"):
-        compresskv.allocate_ranks(model, p, calib_ids(1), budget=0.05, seq_len=48, progress=False)
+        compresskv.allocate_ranks(model, p, calib_ids(1), compression_ratio=0.95, seq_len=48, progress=False)
     other = tiny_model("llama", layers=2)
     for call in (lambda: compresskv.train_projections(other, p, calib_ids(1), steps=1, seq_len=48, progress=False),
                  lambda: compresskv.allocate_ranks(other, p, calib_ids(1), seq_len=48, progress=False),
-                 lambda: compresskv.MatryoshkaKVCache(other, p, budget=0.5)):
+                 lambda: compresskv.MatryoshkaKVCache(other, p, compression_ratio=0.5)):
         with pytest.raises(ValueError, match="Recompute them for this model"):
             call()
 
@@ -397,13 +444,13 @@ def test_calibration_training_and_cache_on_cuda():
     p = compresskv.calibrate(model, ids, seq_len=48, progress=False)
     trained = compresskv.train_projections(model, p, ids, steps=2, seq_len=48, progress=False)
     assert trained.options["training"]["device"].startswith("cuda") and trained.orthogonality_error() <= 1e-5
-    compresskv.allocate_ranks(model, trained, ids[:1], budget=0.5, seq_len=48, progress=False)
+    compresskv.allocate_ranks(model, trained, ids[:1], compression_ratio=0.5, seq_len=48, progress=False)
     batch, mask = (t.cuda() for t in batch_inputs(3))
     ref = greedy(model, batch, mask, dynamic(model))[1]
     for mode in MODES:
-        logits = greedy(model, batch, mask, compresskv.MatryoshkaKVCache(model, trained, budget=1.0, mode=mode))[1]
+        logits = greedy(model, batch, mask, compresskv.MatryoshkaKVCache(model, trained, compression_ratio=0.0, mode=mode))[1]
         assert (logits - ref).abs().max().item() <= 1e-4
-    greedy(model, batch, mask, compresskv.MatryoshkaKVCache(model, trained, budget=0.5, sink_tokens=1))
+    greedy(model, batch, mask, compresskv.MatryoshkaKVCache(model, trained, compression_ratio=0.5, sink_tokens=1))
 
 
 # -- the embedded model (slow) ------------------------------------------------------------------------------------
@@ -418,10 +465,10 @@ def test_embedded_model_full_rank_exact_and_half_budget_halves_the_cache():
     kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     ref = model.generate(**kv(dynamic(model)), **kwargs)
     for mode in MODES:
-        out = model.generate(**kv(compresskv.MatryoshkaKVCache(model, p, budget=1.0, mode=mode)), **kwargs)
+        out = model.generate(**kv(compresskv.MatryoshkaKVCache(model, p, compression_ratio=0.0, mode=mode)), **kwargs)
         assert torch.equal(out.sequences, ref.sequences), mode
         assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) <= 1e-4, mode
-    cache = compresskv.MatryoshkaKVCache(model, p, budget=0.5)
+    cache = compresskv.MatryoshkaKVCache(model, p, compression_ratio=0.5)
     model.generate(**kv(cache), **kwargs)
     stats = cache.stats()
     assert stats.tokens_seen == 305

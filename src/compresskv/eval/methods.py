@@ -199,11 +199,11 @@ class MethodBuilder:
 
         trained = self._cached("matryoshka", Projections, lambda: train_projections(
             self.model, self._pca(), self._windows("train"), steps=TRAIN_STEPS, seq_len=TRAIN_SEQ_LEN))
-        missing = [1.0 - r for r in self.ratios if 0.0 < r < 1.0 and trained.allocation(1.0 - r) is None]
+        missing = [r for r in self.ratios if 0.0 < r < 1.0 and trained.allocation(compression_ratio=r) is None]
         if missing:
-            self.log(f"bench: allocating Matryoshka ranks for budgets {[round(b, 4) for b in missing]}")
-            allocate_ranks(self.model, trained, self._windows("alloc"), budget=missing, seq_len=ALLOC_SEQ_LEN,
-                           max_windows=ALLOC_WINDOWS)
+            self.log(f"bench: allocating Matryoshka ranks for compression ratios {[round(r, 4) for r in missing]}")
+            allocate_ranks(self.model, trained, self._windows("alloc"), compression_ratio=missing,
+                           seq_len=ALLOC_SEQ_LEN, max_windows=ALLOC_WINDOWS)
             trained.save_pretrained(self._dir("matryoshka"))
         return trained
 

@@ -1,5 +1,5 @@
-"""MatryoshkaKV and PCA caches (arXiv 2410.14731): keys and values stored as orthogonal low-rank
-projections per KV head.
+"""The layer of the MatryoshkaKV and PCA caches (arXiv 2410.14731, :mod:`.caches`): keys and values
+stored as orthogonal low-rank projections per KV head, and the ways to read them back.
 
 Every token's key and value are stored as ``(k − μ_k)·U_k[:, :r_k]`` and ``(v − μ_v)·U_v[:, :r_v]``
 with a rank per (layer, KV head, K/V). Heads of equal rank are stored together, one tensor
@@ -39,18 +39,19 @@ fp16/bf16, or of 4 in fp32).
 
 from __future__ import annotations
 
-import copy
-import threading
 import weakref
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..core.attention import AttentionCall
-from ..core.cache import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
+from ..core.cache import KVLayer, tensor_bytes
 from ..core.lse import attention_with_lse, merge_softmax
-from .projections import Projections, calibrate
+from .projections import Projections
+
+if TYPE_CHECKING:
+    from .caches import MatryoshkaKVCache
 
 MODES = ("projected", "projected_explicit", "reconstruct")
 
@@ -357,213 +358,3 @@ class ProjectedLayer(KVLayer):
         super().reset()
         self.factors = None
         self._new = None
-
-
-@dataclass
-class ProjectedStats(CacheStats):
-    """:class:`CacheStats` plus the ranks of every compressed layer (``None`` elsewhere)."""
-
-    mode: str = "projected"
-    rank_source: str = ""
-    ranks_k: list[list[int] | None] = field(default_factory=list)
-    ranks_v: list[list[int] | None] = field(default_factory=list)
-
-
-class MatryoshkaKVCache(CompressedCache):
-    """MatryoshkaKV: every token's key and value stored as per-KV-head orthogonal projections.
-
-    Args:
-        model: the transformers model (its attention is switched to compresskv's).
-        projections: :class:`compresskv.Projections` for this model (``compresskv.calibrate``,
-            then optionally ``compresskv.train_projections`` and ``compresskv.allocate_ranks``).
-        budget: fraction of the full cache kept, in (0, 1]: the ranks allocated for it when the
-            projections store an allocation for this budget (and ``use_allocation``), otherwise
-            ``round(budget·head_dim)`` for every head.
-        compression_ratio: instead of ``budget``, ``1 − budget`` in [0, 1).
-        rank: instead, one rank in [1, head_dim] for every head's keys and values.
-        ranks: instead, ``(ranks_k, ranks_v)``, each ``[layers][kv_heads]``.
-        mode: ``"projected"`` (attention in the projected space; on CUDA through fused kernels
-            where they take the shapes), ``"projected_explicit"`` (the same, always by explicit
-            logits and softmax: the reference) or ``"reconstruct"`` (rebuild the full keys and
-            values on every read).
-        use_allocation: ``False`` ignores a stored allocation (uniform ranks for ``budget``).
-        sink_tokens: also keep each row's first ``sink_tokens`` real prompt tokens at full
-            precision (an extension, off by default as in the paper: the first token is an
-            attention sink whose key and value a low-rank projection fitted to ordinary tokens
-            loses, and most heads attend to it heavily). Costs ``sink_tokens·2·d`` values per head.
-    """
-
-    method = "matryoshka"
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        projections: Projections | None = None,
-        budget: float | None = None,
-        *,
-        compression_ratio: float | None = None,
-        rank: int | None = None,
-        ranks: Any = None,
-        mode: str = "projected",
-        use_allocation: bool = True,
-        sink_tokens: int = 0,
-    ) -> None:
-        who = type(self).__name__
-        refuse_mla(model, who)
-        if not isinstance(projections, Projections):
-            raise ValueError(
-                f"{who}: needs projections= (compresskv.calibrate(model, texts, tokenizer=tok), optionally "
-                f"trained with compresskv.train_projections); got {type(projections).__name__}."
-            )
-        if mode not in MODES:
-            raise ValueError(f"{who}: mode must be one of {list(MODES)}, got {mode!r}.")
-        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
-            raise ValueError(f"{who}: sink_tokens must be an int >= 0, got {sink_tokens!r}.")
-        self.sink_tokens = sink_tokens
-        projections.check_model(model)
-        rk, rv, source = projections.resolve_ranks(budget, compression_ratio, rank, ranks, use_allocation, who)
-        self.projections, self.mode = projections, mode
-        self.ranks_k, self.ranks_v, self.rank_source = rk, rv, source
-        super().__init__(model)
-
-    def make_layer(self, rank: int, n_full: int) -> KVLayer:
-        return ProjectedLayer(self, self.full_layers[rank])
-
-    def load_prefill(self, cache: Any) -> "MatryoshkaKVCache":
-        """Store, projected, what an uncompressed cache holds (e.g. a ``DynamicCache`` after a
-        prefill without padding) and return ``self``.
-
-        Since prefill attention runs on the full keys and values, this leaves exactly the state a
-        prefill through this cache would, without running the model again: one prefill can then
-        serve several budgets or modes (the benchmark does this). The source is not modified.
-        """
-        if any(isinstance(layer, ProjectedLayer) and layer.is_initialized for layer in self.layers):
-            raise ValueError("load_prefill: this cache already holds tokens; use a fresh cache.")
-        if len(cache.layers) != len(self.layers):
-            raise ValueError(
-                f"load_prefill: the source cache has {len(cache.layers)} layers, this one {len(self.layers)}."
-            )
-        for i, (layer, source) in enumerate(zip(self.layers, cache.layers)):
-            if not isinstance(layer, ProjectedLayer):
-                self.layers[i] = copy.deepcopy(source)
-                continue
-            keys, values = getattr(source, "keys", None), getattr(source, "values", None)
-            if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[-2] == 0:
-                raise ValueError(f"load_prefill: layer {i} of the source cache holds no [batch, heads, tokens, dim] keys.")
-            if keys.shape[1] != self.num_kv_heads or keys.shape[-1] != self.head_dim:
-                raise ValueError(
-                    f"load_prefill: layer {i} holds keys of shape {tuple(keys.shape)}; this cache is for "
-                    f"{self.num_kv_heads} KV heads of dim {self.head_dim}."
-                )
-            layer.lazy_initialization(keys, values)
-            if layer.sink_tokens:
-                layer._keep_sinks(keys, values, None)
-            layer._store(keys, values)
-            layer.seen = keys.shape[-2]
-            layer.stored_before = 0
-            layer.prefilled = True
-        return self
-
-    # -- measurement ----------------------------------------------------------------------------
-    def kept_fraction(self) -> float:
-        """Fraction of the full per-token cache the ranks keep, over the compressed layers."""
-        from .projections import kept_fraction
-
-        return kept_fraction(self.ranks_k, self.ranks_v, self.head_dim, self.full_layers)
-
-    def stats(self) -> ProjectedStats:
-        projected = [isinstance(layer, ProjectedLayer) for layer in self.layers]
-        return ProjectedStats(
-            **self.stats_fields(),
-            mode=self.mode,
-            rank_source=self.rank_source,
-            ranks_k=[list(layer.ranks_k) if p else None for layer, p in zip(self.layers, projected)],
-            ranks_v=[list(layer.ranks_v) if p else None for layer, p in zip(self.layers, projected)],
-        )
-
-
-# -- PCA (calibrated on the fly when given texts) -----------------------------------------------------
-_calibrated: "weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, Projections]]" = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
-
-
-def _texts_key(texts: Any) -> Any:
-    if isinstance(texts, torch.Tensor):
-        return ("tensor", tuple(texts.shape), hash(texts.cpu().numpy().tobytes()))
-    if isinstance(texts, str):
-        return ("str", hash(texts))
-    try:
-        return ("seq", hash(tuple(t if isinstance(t, str) else tuple(t) for t in texts)))
-    except TypeError:
-        return ("id", id(texts))
-
-
-def _calibrated_for(model: torch.nn.Module, texts: Any, tokenizer: Any, seq_len: int, max_windows: int | None) -> Projections:
-    """PCA projections of ``model`` on ``texts``, computed once per model and texts."""
-    key = (_texts_key(texts), seq_len, max_windows)
-    with _lock:
-        per_model = _calibrated.setdefault(model, {})
-        if key not in per_model:
-            per_model[key] = calibrate(model, texts, tokenizer=tokenizer, seq_len=seq_len, max_windows=max_windows,
-                                       progress=False)
-        return per_model[key]
-
-
-class PCAKVCache(MatryoshkaKVCache):
-    """Plain PCA projections (MatryoshkaKV's initialisation, untrained) in a projected cache.
-
-    Without ``projections=``, the cache calibrates on the fly on ``texts`` (computed once per
-    model and texts).
-
-    Args:
-        model: the transformers model (its attention is switched to compresskv's).
-        projections: PCA :class:`compresskv.Projections` (trained ones are refused: use
-            :class:`MatryoshkaKVCache`); ``None`` to calibrate on ``texts``.
-        budget: fraction of the full cache kept, in (0, 1] (stored allocation or uniform ranks).
-        compression_ratio: instead of ``budget``, ``1 − budget`` in [0, 1).
-        rank: instead, one rank in [1, head_dim] for every head.
-        ranks: instead, ``(ranks_k, ranks_v)``, each ``[layers][kv_heads]``.
-        mode: ``"projected"``, ``"projected_explicit"`` or ``"reconstruct"``.
-        use_allocation: ``False`` ignores a stored allocation.
-        sink_tokens: keep each row's first ``sink_tokens`` prompt tokens at full precision too.
-        texts: calibration text for on-the-fly PCA (strings with ``tokenizer=``, or token ids).
-        tokenizer: needed when ``texts`` are strings.
-        seq_len: calibration window length.
-        max_windows: calibration windows used at most.
-    """
-
-    method = "pca"
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        projections: Projections | None = None,
-        budget: float | None = None,
-        *,
-        compression_ratio: float | None = None,
-        rank: int | None = None,
-        ranks: Any = None,
-        mode: str = "projected",
-        use_allocation: bool = True,
-        sink_tokens: int = 0,
-        texts: Any = None,
-        tokenizer: Any = None,
-        seq_len: int = 512,
-        max_windows: int | None = 32,
-    ) -> None:
-        refuse_mla(model, type(self).__name__)  # before calibrating on it
-        if projections is None:
-            if texts is None:
-                raise ValueError(
-                    "PCAKVCache: needs projections= (compresskv.calibrate(model, texts, tokenizer=tok)) or "
-                    "calibration texts= (strings with tokenizer=, or token ids) to calibrate on the fly "
-                    "(`compresskv bench --calibration FILE` does this for you)."
-                )
-            projections = _calibrated_for(model, texts, tokenizer, seq_len, max_windows)
-        elif isinstance(projections, Projections) and projections.method != "pca":
-            raise ValueError(
-                f"PCAKVCache: these projections are {projections.method!r}, not plain PCA; use "
-                "MatryoshkaKVCache (method 'matryoshka') for trained projections."
-            )
-        super().__init__(model, projections, budget, compression_ratio=compression_ratio, rank=rank, ranks=ranks,
-                         mode=mode, use_allocation=use_allocation, sink_tokens=sink_tokens)
