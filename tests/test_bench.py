@@ -159,7 +159,7 @@ def test_bench_calibrates_pca_matryoshka_and_elitekv_once(tok, tmp_path, monkeyp
     jsonl = result["paths"][0]
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows if r["method"] not in ("pca", "matryoshka", "elitekv")))
     for name in ("calibrate", "train_projections", "allocate_ranks"):
-        monkeypatch.setattr(compresskv.projected.projections, name, lambda *a, **k: pytest.fail("recalibrated"))
+        monkeypatch.setattr(compresskv.projected, name, lambda *a, **k: pytest.fail("recalibrated"))
     monkeypatch.setattr(elitekv, "rank_frequencies", lambda *a, **k: pytest.fail("re-ranked"))
     again = run_bench(model, tok, cfg, log=lambda m: None, progress=False)
     assert all(not r.get("error") for r in again["rows"]) and len(again["rows"]) == len(rows)

@@ -384,6 +384,8 @@ def test_old_budget_spellings_are_refused_naming_compression_ratio():
         "allocation(budget=)": lambda: p.allocation(budget=0.5),
         "add_allocation(budget=)": lambda: p.add_allocation(budget=0.5, ranks_k=None, ranks_v=None),
         "uniform_ranks(positional)": lambda: p.uniform_ranks(0.5),
+        "patch(budget=)": lambda: compresskv.patch(model, "matryoshka", projections=p, budget=0.5),
+        "make_cache(pca, budget=)": lambda: compresskv.make_cache(model, "pca", projections=p, budget=0.5),
     }
     for name, call in calls.items():
         with pytest.raises(TypeError) as err:

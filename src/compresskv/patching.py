@@ -66,6 +66,10 @@ def make_cache(model: torch.nn.Module, method: str, **options: Any) -> Any:
     factory = _factory(method)
     allowed = method_options(method)
     unknown = sorted(set(options) - set(allowed))
+    renamed = getattr(factory, "renamed_options", {})
+    if set(unknown) & set(renamed):
+        said = "; ".join(f"{old}= is now {renamed[old]}" for old in unknown if old in renamed)
+        raise TypeError(f"compresskv: method {method!r}: {said}. Its options are {allowed}.")
     if unknown:
         raise TypeError(f"compresskv: method {method!r} does not take {unknown}; its options are {allowed}.")
     return factory(model, **options)

@@ -56,6 +56,10 @@ class MatryoshkaKVCache(CompressedCache):
 
     method = "matryoshka"
 
+    #: old option names and what replaces them (``make_cache``/``patch`` say so)
+    renamed_options = {old: "compression_ratio (the fraction removed: compression_ratio = 1 - budget)"
+                       for old in ("budget", "budgets")}
+
     def __init__(
         self,
         model: torch.nn.Module,
