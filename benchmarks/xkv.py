@@ -54,7 +54,7 @@ from compresskv.eval import perplexity
 from compresskv.eval.machine import machine_info
 from compresskv.core import attention as ckv_attention
 from compresskv.core.attention import AttentionCall, uninstall
-from compresskv.crosslayer import xkv as xkv_module
+from compresskv.crosslayer.factors import truncated_factors
 from compresskv.eval.needle import make_needle_task
 
 AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
@@ -67,7 +67,8 @@ class FactorMemo:
     The thin SVD of a group's matrix does not depend on the rank it is truncated to, so within one
     prompt it is computed once (timed) and truncated per configuration; every configuration that
     reuses it is charged the time it took (``credit``), so compress times stay what each
-    configuration alone would have spent. Keyed by the matrix's shape and three checksums."""
+    configuration alone would have spent. Keyed by the matrix's shape and three checksums.
+    Installed per cache as its ``factorize`` hook (see :class:`compresskv.XKVCache`)."""
 
     def __init__(self, solver: Any) -> None:
         self.solver = solver
@@ -141,12 +142,12 @@ def configurations(args: argparse.Namespace, n_layers: int) -> list[dict[str, An
                     method, options, name = "xkv", {"group_size": group}, f"xkv-{group}"
                     if n_layers % group:
                         options["remainder"] = "last_group"
-                options.update(compression_ratio=ratio, keys=keys, svd_solver=args.solver)
+                options.update(compression_ratio=ratio, keys=keys, svd_solver=args.solver, profile=True)
                 label = name + (" post-RoPE" if keys == "post_rope" else "")
                 configs.append(dict(id=f"{label} @{ratio:g}", name=label, method=method,
                                     group=group, keys=keys, ratio=ratio, options=options))
     for start in [s.strip() for s in args.minicache.split(",") if s.strip()]:
-        options = {} if start == "default" else {"start_layer": int(start)}
+        options = {"profile": True} if start == "default" else {"start_layer": int(start), "profile": True}
         label = f"minicache (start {start})"
         configs.append(dict(id=label, name=label, method="minicache", group=2, keys="post_rope",
                             ratio=None, options=options))
@@ -246,6 +247,8 @@ def read_costs(stats: Any) -> dict[str, Any]:
 def compressed(model: Any, config: dict[str, Any], prefill: Prefill, memo: FactorMemo) -> tuple[Any, Any, float]:
     """A cache of ``config`` holding ``prefill``'s prompt, its stats and its compress seconds."""
     cache = compresskv.make_cache(model, config["method"], **config["options"])
+    if hasattr(cache, "factorize"):  # xKV/SVD: share the prompt's SVDs between configurations
+        cache.factorize = memo
     memo.credit = 0.0
     replay(model, cache, prefill)
     stats = cache.stats()
@@ -460,59 +463,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tasks = [make_needle_task(tokenizer, args.length, d, seed=i, haystack=haystack) for i, d in enumerate(args.depths)]
     prefix, cont, ppl_start = ppl_window(tokenizer, args.text, args.length, args.ppl_tokens, args.ppl_seed)
     eos = tokenizer.eos_token_id
-    memo = FactorMemo(xkv_module.truncated_factors)
-    xkv_module.truncated_factors = memo  # the groups call it by module name
+    memo = FactorMemo(truncated_factors)
     rows: list[dict[str, Any]] = []
     checks: list[dict[str, Any]] = []
     base_needles: list[dict[str, Any]] = []
-    try:
-        with torch.inference_mode():
-            uninstall(model)
-            model(input_ids=tasks[0].input_ids[:, :64])  # warm-up
-            for i, task in enumerate(tasks):
-                memo.clear()
-                prefill = Prefill(model, task.input_ids)
-                cache = prefill.copy()
-                first = prefill.last_logits.argmax(-1, keepdim=True)
-                tokens, seconds, steps = greedy_decode(model, cache, first, args.max_new_tokens, eos)
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                base = {"tokens": tokens, "bytes_prefill": dyn_bytes(prefill.cache), "bytes_end": dyn_bytes(cache),
-                        "decode_tok_s": steps / seconds, "correct": task.score(text), "answer": text.strip(),
-                        "prefill_s": prefill.seconds}
-                del cache
-                base_needles.append(base)
-                rows.append({"config": BASELINE, "task": "needle", "depth": task.depth, "tokens": task.length,
-                             **{k: v for k, v in base.items() if k != "tokens"}})
-                log(f"needle depth={task.depth} ({task.length} tokens) DynamicCache: {text.strip()!r} "
-                    f"ok={base['correct']} prefill={prefill.seconds:.1f}s decode={base['decode_tok_s']:.1f}tok/s")
-                for config in configs:
-                    row = run_needle_config(model, tokenizer, config, task, prefill, base, memo, args.max_new_tokens)
-                    rows.append(row)
-                    log(f"  {config['id']:>28} x{row['compression_x']:.2f} ok={row['correct']!s:5} "
-                        f"compress={row['compress_s']:.1f}s decode={row['decode_tok_s']:.1f}tok/s {row['answer']!r}")
-                    if i == 0 and config in checks_wanted:
-                        xkv_module.truncated_factors = memo.solver  # the full path computes its own SVDs
-                        try:
-                            checks.append(real_path_check(model, tokenizer, config, task, prefill, row,
-                                                          args.max_new_tokens))
-                        finally:
-                            xkv_module.truncated_factors = memo
-                        log(f"  full-path check: {checks[-1]}")
-                del prefill
+    with torch.inference_mode():
+        uninstall(model)
+        model(input_ids=tasks[0].input_ids[:, :64])  # warm-up
+        for i, task in enumerate(tasks):
             memo.clear()
-            prefill = Prefill(model, prefix)
-            nll, _ = continuation_nll(model, prefill.copy(), prefill, cont)
-            ppl_base = {"ppl": math.exp(nll), "bytes_prefill": dyn_bytes(prefill.cache), "prefill_s": prefill.seconds}
-            rows.append({"config": BASELINE, "task": "perplexity", "tokens": args.length, **ppl_base})
-            log(f"perplexity DynamicCache: {ppl_base['ppl']:.3f} prefill={prefill.seconds:.1f}s")
+            prefill = Prefill(model, task.input_ids)
+            cache = prefill.copy()
+            first = prefill.last_logits.argmax(-1, keepdim=True)
+            tokens, seconds, steps = greedy_decode(model, cache, first, args.max_new_tokens, eos)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            base = {"tokens": tokens, "bytes_prefill": dyn_bytes(prefill.cache), "bytes_end": dyn_bytes(cache),
+                    "decode_tok_s": steps / seconds, "correct": task.score(text), "answer": text.strip(),
+                    "prefill_s": prefill.seconds}
+            del cache
+            base_needles.append(base)
+            rows.append({"config": BASELINE, "task": "needle", "depth": task.depth, "tokens": task.length,
+                         **{k: v for k, v in base.items() if k != "tokens"}})
+            log(f"needle depth={task.depth} ({task.length} tokens) DynamicCache: {text.strip()!r} "
+                f"ok={base['correct']} prefill={prefill.seconds:.1f}s decode={base['decode_tok_s']:.1f}tok/s")
             for config in configs:
-                row = run_ppl_config(model, config, prefill, cont, ppl_base, memo)
+                row = run_needle_config(model, tokenizer, config, task, prefill, base, memo, args.max_new_tokens)
                 rows.append(row)
-                log(f"  {config['id']:>28} x{row['compression_x']:.2f} ppl={row['ppl']:.3f} "
-                    f"compress={row['compress_s']:.1f}s")
+                log(f"  {config['id']:>28} x{row['compression_x']:.2f} ok={row['correct']!s:5} "
+                    f"compress={row['compress_s']:.1f}s decode={row['decode_tok_s']:.1f}tok/s {row['answer']!r}")
+                if i == 0 and config in checks_wanted:  # the full path computes its own SVDs
+                    checks.append(real_path_check(model, tokenizer, config, task, prefill, row,
+                                                  args.max_new_tokens))
+                    log(f"  full-path check: {checks[-1]}")
             del prefill
-    finally:
-        xkv_module.truncated_factors = memo.solver
+        memo.clear()
+        prefill = Prefill(model, prefix)
+        nll, _ = continuation_nll(model, prefill.copy(), prefill, cont)
+        ppl_base = {"ppl": math.exp(nll), "bytes_prefill": dyn_bytes(prefill.cache), "prefill_s": prefill.seconds}
+        rows.append({"config": BASELINE, "task": "perplexity", "tokens": args.length, **ppl_base})
+        log(f"perplexity DynamicCache: {ppl_base['ppl']:.3f} prefill={prefill.seconds:.1f}s")
+        for config in configs:
+            row = run_ppl_config(model, config, prefill, cont, ppl_base, memo)
+            rows.append(row)
+            log(f"  {config['id']:>28} x{row['compression_x']:.2f} ppl={row['ppl']:.3f} "
+                f"compress={row['compress_s']:.1f}s")
+        del prefill
     uninstall(model)
     baseline = {
         "needle_correct": sum(b["correct"] for b in base_needles), "needle_total": len(base_needles),

@@ -12,7 +12,8 @@ import torch
 import compresskv
 from compresskv import elitekv
 from compresskv.core.attention import base_of
-from compresskv.crosslayer.xkv import XKVLayer, ranks_for_ratio
+from compresskv.crosslayer import XKVLayer
+from compresskv.crosslayer.factors import ranks_for_ratio
 from conftest import generate_output as generate, VOCAB, batch_inputs, dynamic, greedy, kv, tiny_model
 
 HEAD_DIM = 16

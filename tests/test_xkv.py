@@ -11,7 +11,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import compresskv
 from compresskv.core.cache import KVLayer
-from compresskv.crosslayer.xkv import MiniCacheLayer, XKVLayer, ranks_for_ratio
+from compresskv.crosslayer import MiniCacheLayer, ReadCost, XKVLayer
+from compresskv.crosslayer.factors import ranks_for_ratio
 from conftest import ATTENTIONS, FAMILIES, batch_inputs, dynamic, greedy, tiny_model, kv
 
 HEAD_DIM = 16  # every tiny model has head_dim 16
@@ -286,8 +287,8 @@ def test_minicache_nbytes_and_merge_follow_the_paper():
                 kept = set(index[h].tolist())
                 assert kept == set(distance[h].topk(n).indices.tolist())
             layer_a, layer_b = cache.layers[a], cache.layers[b]
-            rebuilt_a, rebuilt_b = layer_a.rebuild_prefix(compresskv.crosslayer.xkv.ReadCost()), layer_b.rebuild_prefix(
-                compresskv.crosslayer.xkv.ReadCost()
+            rebuilt_a, rebuilt_b = layer_a.rebuild_prefix(ReadCost()), layer_b.rebuild_prefix(
+                ReadCost()
             )
             for x, rebuilt in ((xa, rebuilt_a[slot][0]), (xb, rebuilt_b[slot][0])):
                 expected = slerp * x.norm(dim=-1, keepdim=True)
@@ -307,9 +308,9 @@ def test_read_costs_are_reported():
     ids, _ = batch_inputs(1, length=64)
     costs = {}
     for name, cache in (
-        ("pre", compresskv.XKVCache(model, group_size=2, rank_k=8, rank_v=8, keys="pre_rope")),
-        ("post", compresskv.XKVCache(model, group_size=2, rank_k=8, rank_v=8, keys="post_rope")),
-        ("mini", compresskv.MiniCache(model, start_layer=0)),
+        ("pre", compresskv.XKVCache(model, group_size=2, rank_k=8, rank_v=8, keys="pre_rope", profile=True)),
+        ("post", compresskv.XKVCache(model, group_size=2, rank_k=8, rank_v=8, keys="post_rope", profile=True)),
+        ("mini", compresskv.MiniCache(model, start_layer=0, profile=True)),
     ):
         greedy(model, ids, None, cache, new_tokens=3)
         costs[name] = cache.stats()

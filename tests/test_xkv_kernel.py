@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import compresskv
-from compresskv.crosslayer.xkv import ReadCost, XKVLayer
+from compresskv.crosslayer import ReadCost, XKVLayer
 from compresskv.kernels import PrefixRope, merge_with_tail, tail_mask, xkv_decode, xkv_decode_reference
 from conftest import batch_inputs, dynamic, greedy, tiny_model, kv
 
@@ -169,7 +169,7 @@ def test_fused_generate_matches_the_other_read_modes(keys):
     ids, mask = batch_inputs(3)
     outputs, stats = {}, {}
     for mode in ("auto", "fused"):
-        cache = compresskv.XKVCache(model, group_size=2, rank_k=6, rank_v=10, keys=keys, read_mode=mode)
+        cache = compresskv.XKVCache(model, group_size=2, rank_k=6, rank_v=10, keys=keys, read_mode=mode, profile=True)
         outputs[mode] = greedy(model, ids, mask, cache)
         stats[mode] = cache.stats()
     assert torch.equal(outputs["fused"][0], outputs["auto"][0])
@@ -188,7 +188,7 @@ def test_fused_at_full_rank_equals_dynamic_cache(keys):
     model = tiny_model("llama", "sdpa")
     ids, mask = batch_inputs(3)
     ref_seq, ref_logits = greedy(model, ids, mask, dynamic(model))
-    cache = compresskv.XKVCache(model, group_size=2, rank_k=64, rank_v=64, keys=keys, read_mode="fused")
+    cache = compresskv.XKVCache(model, group_size=2, rank_k=64, rank_v=64, keys=keys, read_mode="fused", profile=True)
     seq, logits = greedy(model, ids, mask, cache)
     assert torch.equal(seq, ref_seq)
     assert (logits - ref_logits).abs().max().item() <= 1e-4
@@ -202,7 +202,7 @@ def test_fused_several_new_tokens_at_once(keys):
     prefill, which xKV refuses.)"""
     logits = {}
     for mode in ("rebuild", "fused"):
-        model, ids, mask, pos, cache = prefilled(keys, read_mode=mode)
+        model, ids, mask, pos, cache = prefilled(keys, read_mode=mode, profile=True)
         new = torch.randint(3, 90, (3, 3), generator=torch.Generator().manual_seed(5))
         out = []
         with torch.no_grad():
@@ -224,7 +224,7 @@ def test_fused_falls_back_where_it_cannot_run():
     reads the old way there (same result); a bad read_mode is refused."""
     model = tiny_model("llama", "eager")
     ids, mask = batch_inputs(3)
-    fused = compresskv.XKVCache(model, group_size=2, rank_k=6, rank_v=10, read_mode="fused")
+    fused = compresskv.XKVCache(model, group_size=2, rank_k=6, rank_v=10, read_mode="fused", profile=True)
     seq, logits = greedy(model, ids, mask, fused)
     ref_seq, ref_logits = greedy(model, ids, mask, compresskv.XKVCache(model, group_size=2, rank_k=6, rank_v=10))
     assert torch.equal(seq, ref_seq) and (logits - ref_logits).abs().max().item() <= 1e-5
@@ -381,7 +381,7 @@ def test_generate_on_gpu_uses_the_kernel(keys):
     ids, mask = ids.cuda(), mask.cuda()
     outputs = {}
     for mode in ("auto", "rebuild"):
-        cache = compresskv.XKVCache(model, group_size=2, rank_k=6, rank_v=10, keys=keys, read_mode=mode)
+        cache = compresskv.XKVCache(model, group_size=2, rank_k=6, rank_v=10, keys=keys, read_mode=mode, profile=True)
         outputs[mode] = greedy(model, ids, mask, cache)
         if mode == "auto":
             assert cache.stats().last_read["fused_reads"] == 4

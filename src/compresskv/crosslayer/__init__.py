@@ -1,6 +1,13 @@
-"""Cross-layer low-rank compression of the prompt: xKV (a shared SVD latent per group of adjacent
-layers), its single-layer SVD baseline and MiniCache (adjacent layers merged)."""
+"""Cross-layer compression of the prompt: xKV (a shared SVD latent per group of adjacent layers),
+its single-layer SVD baseline and MiniCache (adjacent layers merged).
 
-from .xkv import LowRankStats, MiniCache, SVDCache, XKVCache
+Modules: :mod:`.factors` (option checks, the truncated SVD, groups, ranks for a ratio),
+:mod:`.positions` (RoPE and prefill positions), :mod:`.group` (what the grouped caches share, and
+read accounting), :mod:`.xkv` (xKV and SVD), :mod:`.minicache` (MiniCache).
+"""
 
-__all__ = ["LowRankStats", "MiniCache", "SVDCache", "XKVCache"]
+from .group import LowRankStats, ReadCost
+from .minicache import MiniCache, MiniCacheLayer
+from .xkv import SVDCache, XKVCache, XKVLayer
+
+__all__ = ["LowRankStats", "MiniCache", "MiniCacheLayer", "ReadCost", "SVDCache", "XKVCache", "XKVLayer"]

@@ -28,9 +28,10 @@ of its query heads.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 
@@ -39,6 +40,9 @@ from ..core.lse import merge_softmax
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: query rows per KV head one Triton launch takes (more are processed in several launches, each
+#: re-reading the prefix).
+MAX_ROWS = 64
 
 _triton_ok: bool | None = None
 
@@ -68,7 +72,7 @@ class PrefixRope:
     Positions are either ``offsets`` (``[batch, 1]`` integers: token ``t`` of row ``b`` sits at
     ``offsets[b] + t``, what ``generate`` produces, left padding included) or ``table``
     (``[batch, T]`` integers). ``inv_freq`` is ``[d/2]``; ``scaling`` is the rotary embedding's
-    ``attention_scaling``. This is exactly :meth:`compresskv.crosslayer.xkv.RotaryTable.table`.
+    ``attention_scaling``. This is exactly :meth:`compresskv.crosslayer.positions.RotaryTable.table`.
     """
 
     inv_freq: torch.Tensor
@@ -94,16 +98,41 @@ class PrefixRope:
         return freqs.cos() * self.scaling, freqs.sin() * self.scaling
 
 
-# -- shared checks -------------------------------------------------------------------------------
-def _check(
+# -- the inputs of a read -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecodeInputs:
+    """The checked inputs of one fused prefix read (see :func:`xkv_decode_reference` for each),
+    with ``scaling`` resolved and ``sizes`` = ``(batch, kv_heads, R, d, T, r_k, r_v)``. Every
+    decode function takes the inputs as its leading arguments, or one :class:`DecodeInputs`
+    (from :func:`decode_inputs`) in their place, which is then not checked again."""
+
+    query_groups: torch.Tensor
+    latent_k: torch.Tensor
+    factor_k: torch.Tensor
+    latent_v: torch.Tensor
+    factor_v: torch.Tensor
+    rope: PrefixRope | None
+    key_mask: torch.Tensor | None
+    scaling: float
+    sizes: tuple[int, int, int, int, int, int, int]
+
+    def args(self) -> tuple[Any, ...]:
+        """``(query_groups, latent_k, factor_k, latent_v, factor_v, rope, key_mask, scaling)``."""
+        return (self.query_groups, self.latent_k, self.factor_k, self.latent_v, self.factor_v, self.rope,
+                self.key_mask, self.scaling)
+
+
+def decode_inputs(
     query_groups: torch.Tensor,
     latent_k: torch.Tensor,
     factor_k: torch.Tensor,
     latent_v: torch.Tensor,
     factor_v: torch.Tensor,
-    rope: PrefixRope | None,
-    key_mask: torch.Tensor | None,
-) -> tuple[int, int, int, int, int, int, int]:
+    rope: PrefixRope | None = None,
+    key_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+) -> DecodeInputs:
+    """Check the inputs of a fused prefix read (shapes, RoPE, mask) and bundle them."""
     if query_groups.dim() != 4:
         raise ValueError(f"query_groups must be [batch, kv_heads, rows, head_dim], got {tuple(query_groups.shape)}.")
     bsz, n_kv, rows, dim = query_groups.shape
@@ -133,7 +162,27 @@ def _check(
         or (key_mask.dim() == 3 and tuple(key_mask.shape) == (bsz, n_kv, length))
     ):
         raise ValueError(f"key_mask must be [batch, T] or [batch, kv_heads, T] booleans, got {tuple(key_mask.shape)}.")
-    return bsz, n_kv, rows, dim, length, rank_k, rank_v
+    scaling = dim**-0.5 if scaling is None else float(scaling)
+    return DecodeInputs(query_groups, latent_k, factor_k, latent_v, factor_v, rope, key_mask, scaling,
+                        (bsz, n_kv, rows, dim, length, rank_k, rank_v))
+
+
+
+
+def _inputs(args: tuple[Any, ...], named: dict[str, Any]) -> DecodeInputs:
+    if len(args) == 1 and not named and isinstance(args[0], DecodeInputs):
+        return args[0]
+    return decode_inputs(*args, **named)
+
+
+def _takes_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Show ``fn(*inputs, **options)`` with :func:`decode_inputs`' parameters, then its options."""
+    own = [p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    base = inspect.signature(decode_inputs)
+    fn.__signature__ = base.replace(  # type: ignore[attr-defined]
+        parameters=[*base.parameters.values(), *own], return_annotation=inspect.signature(fn).return_annotation
+    )
+    return fn
 
 
 def _heads(factor: torch.Tensor, n_kv: int, dim: int) -> torch.Tensor:
@@ -187,18 +236,9 @@ def _finish(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, factor_v: torch
 
 
 # -- reference -----------------------------------------------------------------------------------
+@_takes_inputs
 def xkv_decode_reference(
-    query_groups: torch.Tensor,
-    latent_k: torch.Tensor,
-    factor_k: torch.Tensor,
-    latent_v: torch.Tensor,
-    factor_v: torch.Tensor,
-    rope: PrefixRope | None = None,
-    key_mask: torch.Tensor | None = None,
-    scaling: float | None = None,
-    *,
-    chunk: int = 1024,
-    info: dict[str, Any] | None = None,
+    *inputs: Any, chunk: int = 1024, info: dict[str, Any] | None = None, **named: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query_groups`` over an xKV-compressed prefix, in PyTorch (fp32 math).
 
@@ -218,10 +258,9 @@ def xkv_decode_reference(
         and ``[batch, kv_heads, R]`` fp32 natural log-sum-exp of the scaled logits (``-inf``, with
         ``out = 0``, for a row that may attend no prefix token).
     """
-    bsz, n_kv, rows, dim, length, rank_k, rank_v = _check(
-        query_groups, latent_k, factor_k, latent_v, factor_v, rope, key_mask
-    )
-    scaling = dim**-0.5 if scaling is None else float(scaling)
+    x = _inputs(inputs, named)
+    query_groups, latent_k, factor_k, latent_v, factor_v, rope, key_mask, scaling = x.args()
+    bsz, n_kv, rows, dim, length, rank_k, rank_v = x.sizes
     chunk = max(1, int(chunk))
     q = query_groups.float()
     fk = _heads(factor_k, n_kv, dim).float()
@@ -285,23 +324,17 @@ def _sm_count(device: torch.device) -> int:
     return 4  # the interpreter: a few splits are enough to exercise the reduction
 
 
+@_takes_inputs
 def xkv_decode_triton(
-    query_groups: torch.Tensor,
-    latent_k: torch.Tensor,
-    factor_k: torch.Tensor,
-    latent_v: torch.Tensor,
-    factor_v: torch.Tensor,
-    rope: PrefixRope | None = None,
-    key_mask: torch.Tensor | None = None,
-    scaling: float | None = None,
-    *,
+    *inputs: Any,
     block_t: int | None = None,
     block_rv: int | None = None,
     splits: int | None = None,
-    max_rows: int = 64,
+    max_rows: int = MAX_ROWS,
     num_warps: int | None = None,
     num_stages: int = 2,
     info: dict[str, Any] | None = None,
+    **named: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`xkv_decode_reference` as a flash-decoding Triton kernel (same arguments, same result).
 
@@ -318,13 +351,14 @@ def xkv_decode_triton(
     ``max_rows`` query rows per launch (more are processed in several launches), ``num_warps``,
     ``num_stages``. A configuration that does not fit the GPU's shared memory is retried smaller.
     """
-    bsz, n_kv, rows, dim, length, rank_k, rank_v = _check(
-        query_groups, latent_k, factor_k, latent_v, factor_v, rope, key_mask
-    )
+    x = _inputs(inputs, named)
+    query_groups, latent_k, factor_k, latent_v, factor_v, rope, key_mask, scaling = x.args()
+    bsz, n_kv, rows, dim, length, rank_k, rank_v = x.sizes
     if rows > max_rows:
         parts = [
             xkv_decode_triton(
-                query_groups[:, :, i : i + max_rows], latent_k, factor_k, latent_v, factor_v, rope, key_mask, scaling,
+                replace(x, query_groups=query_groups[:, :, i : i + max_rows],
+                        sizes=(bsz, n_kv, min(max_rows, rows - i), dim, length, rank_k, rank_v)),
                 block_t=block_t, block_rv=block_rv, splits=splits, max_rows=max_rows, num_warps=num_warps,
                 num_stages=num_stages, info=info,
             )
@@ -343,7 +377,6 @@ def xkv_decode_triton(
     if not (latent_v.dtype == factor_k.dtype == factor_v.dtype == dtype):
         raise ValueError("xkv_decode_triton: latents and factors must share one dtype.")
     device = latent_k.device
-    scaling = dim**-0.5 if scaling is None else float(scaling)
     latent_k, latent_v = latent_k.contiguous(), latent_v.contiguous()
     factor_k = factor_k.contiguous()
     query_groups = query_groups.to(dtype).contiguous()
@@ -455,35 +488,30 @@ def xkv_decode_triton(
 _TRITON_FAILED: list[str] = []
 
 
-def _triton_usable(latent: torch.Tensor) -> bool:
+def triton_usable(latent: torch.Tensor) -> bool:
+    """Whether :func:`xkv_decode` picks the Triton kernel for a prefix stored as ``latent``: on
+    CUDA, in a float dtype, triton importable, and the kernel has not failed here before."""
     return latent.is_cuda and latent.dtype in _FLOAT_DTYPES and triton_available() and not _TRITON_FAILED
 
 
+def _triton_usable(latent: torch.Tensor) -> bool:
+    return triton_usable(latent)
+
+
+@_takes_inputs
 def xkv_decode(
-    query_groups: torch.Tensor,
-    latent_k: torch.Tensor,
-    factor_k: torch.Tensor,
-    latent_v: torch.Tensor,
-    factor_v: torch.Tensor,
-    rope: PrefixRope | None = None,
-    key_mask: torch.Tensor | None = None,
-    scaling: float | None = None,
-    *,
-    backend: str = "auto",
-    chunk: int = 1024,
-    info: dict[str, Any] | None = None,
+    *inputs: Any, backend: str = "auto", chunk: int = 1024, info: dict[str, Any] | None = None, **named: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused xKV prefix attention: the Triton kernel when the tensors are on CUDA and triton
     imports (``backend="auto"``), else the PyTorch reference; ``backend="triton"`` or
     ``"reference"`` forces one. Arguments and result as :func:`xkv_decode_reference`."""
+    x = _inputs(inputs, named)
     chosen = backend == "auto"
     if chosen:
-        backend = "triton" if _triton_usable(latent_k) else "reference"
+        backend = "triton" if _triton_usable(x.latent_k) else "reference"
     if backend == "triton":
         try:
-            return xkv_decode_triton(
-                query_groups, latent_k, factor_k, latent_v, factor_v, rope, key_mask, scaling, info=info
-            )
+            return xkv_decode_triton(x, info=info)
         except Exception as err:  # noqa: BLE001 - a GPU/Triton the kernel does not build on
             if not chosen:
                 raise
@@ -494,9 +522,7 @@ def xkv_decode(
             backend = "reference"
     if backend != "reference":
         raise ValueError(f"xkv_decode: backend must be 'auto', 'triton' or 'reference', got {backend!r}.")
-    return xkv_decode_reference(
-        query_groups, latent_k, factor_k, latent_v, factor_v, rope, key_mask, scaling, chunk=chunk, info=info
-    )
+    return xkv_decode_reference(x, chunk=chunk, info=info)
 
 
 # -- the uncompressed tail -----------------------------------------------------------------------
@@ -555,11 +581,15 @@ def merge_with_tail(
 
 
 __all__ = [
+    "MAX_ROWS",
+    "DecodeInputs",
     "PrefixRope",
     "decode_flops",
+    "decode_inputs",
     "merge_with_tail",
     "tail_mask",
     "triton_available",
+    "triton_usable",
     "xkv_decode",
     "xkv_decode_reference",
     "xkv_decode_triton",
