@@ -21,7 +21,7 @@ import compresskv
 from compresskv import elitekv
 from compresskv.core import lse as latent_mod
 from compresskv.projected.cache import ProjectedLayer
-from compresskv.elitekv import jlrd
+from compresskv.elitekv import attention as elitekv_attention
 from conftest import VOCAB, batch_inputs, dynamic, greedy, tiny_model, kv
 
 
@@ -45,7 +45,7 @@ class SdpaCounter:
             self.calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(jlrd.nn.functional, "scaled_dot_product_attention", counted)
+        monkeypatch.setattr(elitekv_attention.nn.functional, "scaled_dot_product_attention", counted)
 
 
 def set_mode(model: torch.nn.Module, mode: str) -> None:
@@ -89,13 +89,13 @@ ELITE_CONFIGS = {"llama-gqa": ("llama", 2), "llama-mha": ("llama", 4), "qwen2-gq
 def record_absorbed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
     """Record the inputs of every explicit absorbed call (the model runs ``absorb_explicit``)."""
     calls: list[tuple[Any, ...]] = []
-    real = jlrd.EliteKVAttention._absorbed
+    real = elitekv_attention.EliteKVAttention._absorbed
 
     def spy(self, query, k_rope, latent, attention_mask):
         calls.append((self, query, k_rope, latent, attention_mask))
         return real(self, query, k_rope, latent, attention_mask)
 
-    monkeypatch.setattr(jlrd.EliteKVAttention, "_absorbed", spy)
+    monkeypatch.setattr(elitekv_attention.EliteKVAttention, "_absorbed", spy)
     return calls
 
 
