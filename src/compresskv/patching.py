@@ -47,7 +47,8 @@ def factory_options(factory: Any) -> list[str]:
         found.append([p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)])
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
-    return list(dict.fromkeys(name for names in reversed(found) for name in names))  # the base's first
+    fixed = set(getattr(factory, "fixed_options", ()))  # a parent's options the subclass sets itself
+    return [n for n in dict.fromkeys(name for names in reversed(found) for name in names) if n not in fixed]
 
 
 def _factory(method: str) -> CacheFactory:

@@ -466,6 +466,8 @@ class SVDCache(XKVCache):
 
     method = "svd"
 
+    fixed_options = ("group_size", "remainder")  # one layer per group: nothing to group or leave over
+
     def __init__(self, model: torch.nn.Module, **kwargs: Any) -> None:
         if "group_size" in kwargs:
             raise TypeError(

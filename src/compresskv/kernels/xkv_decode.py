@@ -28,14 +28,14 @@ of its query heads.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import warnings
-from dataclasses import dataclass, replace
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any
 
 import torch
 
-from ..core.lse import merge_softmax
+from .inputs import DecodeInputs, PrefixRope, _inputs, _takes_inputs, decode_inputs
+from .tail import merge_with_tail, tail_mask
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -61,128 +61,6 @@ def triton_available() -> bool:
             else:
                 _triton_ok = True
     return _triton_ok
-
-
-# -- RoPE of the prefix --------------------------------------------------------------------------
-@dataclass
-class PrefixRope:
-    """How pre-RoPE prefix keys are re-rotated on read: standard rotate-half RoPE with
-    ``cos = cos(pos·inv_freq)·scaling`` (and ``sin`` likewise) on both halves of the head.
-
-    Positions are either ``offsets`` (``[batch, 1]`` integers: token ``t`` of row ``b`` sits at
-    ``offsets[b] + t``, what ``generate`` produces, left padding included) or ``table``
-    (``[batch, T]`` integers). ``inv_freq`` is ``[d/2]``; ``scaling`` is the rotary embedding's
-    ``attention_scaling``. This is exactly :meth:`compresskv.crosslayer.positions.RotaryTable.table`.
-    """
-
-    inv_freq: torch.Tensor
-    offsets: torch.Tensor | None = None
-    table: torch.Tensor | None = None
-    scaling: float = 1.0
-
-    def __post_init__(self) -> None:
-        if (self.offsets is None) == (self.table is None):
-            raise ValueError("PrefixRope: give exactly one of offsets= ([batch, 1]) and table= ([batch, T]).")
-
-    def positions(self, start: int, end: int) -> torch.Tensor:
-        """Positions of prefix tokens ``start:end``, ``[batch, n]`` int64."""
-        if self.table is not None:
-            return self.table[:, start:end].to(torch.long)
-        assert self.offsets is not None
-        return self.offsets.to(torch.long) + torch.arange(start, end, device=self.offsets.device)
-
-    def cos_sin(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 ``cos``/``sin`` of one half of the head, ``[batch, n, d/2]``, for tokens ``start:end``."""
-        pos = self.positions(start, end)
-        freqs = pos[..., None].float() * self.inv_freq.to(device=pos.device, dtype=torch.float32)
-        return freqs.cos() * self.scaling, freqs.sin() * self.scaling
-
-
-# -- the inputs of a read -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DecodeInputs:
-    """The checked inputs of one fused prefix read (see :func:`xkv_decode_reference` for each),
-    with ``scaling`` resolved and ``sizes`` = ``(batch, kv_heads, R, d, T, r_k, r_v)``. Every
-    decode function takes the inputs as its leading arguments, or one :class:`DecodeInputs`
-    (from :func:`decode_inputs`) in their place, which is then not checked again."""
-
-    query_groups: torch.Tensor
-    latent_k: torch.Tensor
-    factor_k: torch.Tensor
-    latent_v: torch.Tensor
-    factor_v: torch.Tensor
-    rope: PrefixRope | None
-    key_mask: torch.Tensor | None
-    scaling: float
-    sizes: tuple[int, int, int, int, int, int, int]
-
-    def args(self) -> tuple[Any, ...]:
-        """``(query_groups, latent_k, factor_k, latent_v, factor_v, rope, key_mask, scaling)``."""
-        return (self.query_groups, self.latent_k, self.factor_k, self.latent_v, self.factor_v, self.rope,
-                self.key_mask, self.scaling)
-
-
-def decode_inputs(
-    query_groups: torch.Tensor,
-    latent_k: torch.Tensor,
-    factor_k: torch.Tensor,
-    latent_v: torch.Tensor,
-    factor_v: torch.Tensor,
-    rope: PrefixRope | None = None,
-    key_mask: torch.Tensor | None = None,
-    scaling: float | None = None,
-) -> DecodeInputs:
-    """Check the inputs of a fused prefix read (shapes, RoPE, mask) and bundle them."""
-    if query_groups.dim() != 4:
-        raise ValueError(f"query_groups must be [batch, kv_heads, rows, head_dim], got {tuple(query_groups.shape)}.")
-    bsz, n_kv, rows, dim = query_groups.shape
-    if latent_k.dim() != 3 or latent_v.dim() != 3 or latent_k.shape[:2] != latent_v.shape[:2]:
-        raise ValueError(
-            f"latent_k/latent_v must be [batch, T, rank] with the same T, got {tuple(latent_k.shape)} "
-            f"and {tuple(latent_v.shape)}."
-        )
-    length, rank_k, rank_v = latent_k.shape[1], latent_k.shape[2], latent_v.shape[2]
-    for name, factor, rank in (("factor_k", factor_k, rank_k), ("factor_v", factor_v, rank_v)):
-        if tuple(factor.shape) != (latent_k.shape[0], rank, n_kv * dim):
-            raise ValueError(
-                f"{name} must be [batch, rank, kv_heads*head_dim] = {(latent_k.shape[0], rank, n_kv * dim)}, "
-                f"got {tuple(factor.shape)}."
-            )
-    if latent_k.shape[0] != bsz:
-        raise ValueError(f"latents have batch {latent_k.shape[0]}, queries {bsz}.")
-    if rope is not None:
-        if dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {dim}.")
-        if rope.inv_freq.numel() != dim // 2:
-            raise ValueError(f"rope.inv_freq must have head_dim/2 = {dim // 2} entries, got {rope.inv_freq.numel()}.")
-        if rope.table is not None and tuple(rope.table.shape) != (bsz, length):
-            raise ValueError(f"rope.table must be [batch, T] = {(bsz, length)}, got {tuple(rope.table.shape)}.")
-    if key_mask is not None and not (
-        (key_mask.dim() == 2 and tuple(key_mask.shape) == (bsz, length))
-        or (key_mask.dim() == 3 and tuple(key_mask.shape) == (bsz, n_kv, length))
-    ):
-        raise ValueError(f"key_mask must be [batch, T] or [batch, kv_heads, T] booleans, got {tuple(key_mask.shape)}.")
-    scaling = dim**-0.5 if scaling is None else float(scaling)
-    return DecodeInputs(query_groups, latent_k, factor_k, latent_v, factor_v, rope, key_mask, scaling,
-                        (bsz, n_kv, rows, dim, length, rank_k, rank_v))
-
-
-
-
-def _inputs(args: tuple[Any, ...], named: dict[str, Any]) -> DecodeInputs:
-    if len(args) == 1 and not named and isinstance(args[0], DecodeInputs):
-        return args[0]
-    return decode_inputs(*args, **named)
-
-
-def _takes_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Show ``fn(*inputs, **options)`` with :func:`decode_inputs`' parameters, then its options."""
-    own = [p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    base = inspect.signature(decode_inputs)
-    fn.__signature__ = base.replace(  # type: ignore[attr-defined]
-        parameters=[*base.parameters.values(), *own], return_annotation=inspect.signature(fn).return_annotation
-    )
-    return fn
 
 
 def _heads(factor: torch.Tensor, n_kv: int, dim: int) -> torch.Tensor:
@@ -523,61 +401,6 @@ def xkv_decode(
     if backend != "reference":
         raise ValueError(f"xkv_decode: backend must be 'auto', 'triton' or 'reference', got {backend!r}.")
     return xkv_decode_reference(x, chunk=chunk, info=info)
-
-
-# -- the uncompressed tail -----------------------------------------------------------------------
-def tail_mask(
-    tail_valid: torch.Tensor | None, n_tail: int, q_len: int, groups: int, device: Any = None
-) -> torch.Tensor | None:
-    """Mask of the tail keys for the grouped query rows: ``[batch|1, kv_heads|1, groups·q_len, n_tail]``.
-
-    The tail is the ``n_tail - q_len`` tokens decoded earlier followed by this forward's ``q_len``
-    new tokens; query ``t`` sees every earlier token and the new tokens ``≤ t`` (causal), and only
-    tokens that ``tail_valid`` (``[batch, n_tail]`` or ``[batch, kv_heads, n_tail]``) marks real.
-    ``None`` when nothing is masked.
-    """
-    old = n_tail - q_len
-    causal = None
-    if q_len > 1:
-        t = torch.arange(q_len, device=device).repeat(groups)  # row r is query position r % q_len
-        j = torch.arange(n_tail, device=device)
-        causal = ((j[None, :] < old) | (j[None, :] - old <= t[:, None]))[None, None]
-    if tail_valid is None:
-        return causal
-    valid = tail_valid.to(torch.bool)
-    valid = valid[:, None, None, :] if valid.dim() == 2 else valid[:, :, None, :]
-    return valid if causal is None else causal & valid
-
-
-def merge_with_tail(
-    prefix_out: torch.Tensor,
-    prefix_lse: torch.Tensor,
-    query_groups: torch.Tensor,
-    tail_k: torch.Tensor,
-    tail_v: torch.Tensor,
-    scaling: float,
-    q_len: int,
-    tail_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Attention over prefix + tail from the prefix's ``(out, lse)`` and the plain tail.
-
-    ``tail_k``/``tail_v`` are ``[batch, kv_heads, n_tail, d]`` (earlier decoded tokens, then the
-    ``q_len`` new ones), ``tail_valid`` their ``[batch, n_tail]`` (or ``[batch, kv_heads, n_tail]``)
-    validity (``None``: all real).
-    The tail is attended in fp32 under :func:`tail_mask` and the two softmaxes merged exactly by
-    :func:`compresskv.core.lse.merge_softmax`.
-    Returns ``[batch, kv_heads, R, d]`` in the query's dtype (zeros for a row that sees nothing).
-    """
-    q = query_groups.float()
-    n_tail = tail_k.shape[-2]
-    if n_tail == 0:
-        return prefix_out.to(query_groups.dtype)
-    logits = (q @ tail_k.float().transpose(-1, -2)) * scaling
-    mask = tail_mask(tail_valid, n_tail, q_len, q.shape[2] // q_len, q.device)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    out = merge_softmax(prefix_out, prefix_lse, logits, tail_v)
-    return out.to(query_groups.dtype)
 
 
 __all__ = [
