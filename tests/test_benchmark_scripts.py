@@ -27,3 +27,16 @@ def test_markdown_renders_with_todays_machine_record(name):
         text = module.markdown(result)
     assert text.startswith("# ") and "|" in text
     assert machine["torch"] in text or str(machine["threads"]) in text
+
+
+def test_decode_speed_markdown_renders_from_the_committed_before_run():
+    """``benchmarks/decode_speed.py`` (run against two source trees, so it keeps its own results file
+    name) renders its Markdown from its JSON, every method with a ratio to DynamicCache."""
+    module = load_benchmark("decode_speed")
+    result = json.loads((ROOT / "benchmarks" / "results" / "decode_speed_before.json").read_text())
+    text = module.markdown(result)
+    assert text.startswith("# ") and "|" in text
+    for entry in result["table"]:
+        assert f"| {entry['method']} |" in text
+    table = module.aggregate(result["rows"], result["config"]["methods"], result["config"]["rounds"])
+    assert [e["method"] for e in table] == [e["method"] for e in result["table"]]
