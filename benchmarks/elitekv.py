@@ -44,15 +44,12 @@ import transformers
 import compresskv
 from compresskv import compat
 from compresskv.eval.machine import machine_info
+from compresskv.eval.results import floats
 from compresskv import elitekv
 from compresskv.eval.needle import dynamic_cache_nbytes, make_needle_task
 from compresskv.eval.perplexity import load_text, make_perplexity_task, run_perplexity, tokenize_text
 
 AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
-
-
-def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

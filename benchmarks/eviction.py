@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shlex
 import statistics
 import sys
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 import compresskv
 from compresskv.eval.machine import machine_info
+from compresskv.eval.results import floats, write_result
 from compresskv.core.attention import uninstall
 from compresskv.eval.needle import make_needle_task, run_needle
 
@@ -40,10 +40,6 @@ COLUMNS = [
     "method", "ratio asked", "cache bytes (MiB)", "bytes ratio", "needle accuracy",
     "prefill s", "prefill vs full", "decode tok/s", "decode vs full",
 ]
-
-
-def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -182,10 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "table": aggregate(rows),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown, echo=True)
     return result
 
 

@@ -61,6 +61,7 @@ from compresskv import compat
 from compresskv.core import attention as ckv_attention
 from compresskv import elitekv
 from compresskv.eval.machine import machine_info
+from compresskv.eval.results import write_result
 from compresskv.eval.measure import PeakMemory
 from compresskv.eval.needle import dynamic_cache_nbytes
 
@@ -353,10 +354,7 @@ def load_results(path: Path) -> dict[str, Any]:
 def save_results(results: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     results["targets"] = evaluate_targets(results)
-    tmp = out.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    tmp.replace(out.with_suffix(".json"))
-    out.with_suffix(".md").write_text(markdown(results))
+    write_result(out, results, markdown)
 
 
 def upsert(results: dict[str, Any], row: dict[str, Any]) -> None:

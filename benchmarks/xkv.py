@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import math
 import random
 import shlex
@@ -52,6 +51,7 @@ import compresskv
 from compresskv import compat
 from compresskv.eval import perplexity
 from compresskv.eval.machine import machine_info
+from compresskv.eval.results import floats, ints, write_result
 from compresskv.core import attention as ckv_attention
 from compresskv.core.attention import AttentionCall, uninstall
 from compresskv.crosslayer.factors import truncated_factors
@@ -92,14 +92,6 @@ class FactorMemo:
             self.store[key] = (latent, factor, x.new_empty(0), seconds)
             self.computed += 1
         return latent[..., :rank].contiguous(), factor[..., :rank, :].contiguous()
-
-
-def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -540,10 +532,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "claims": claims(table, args.ratios),
         "checks": checks,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown, echo=True)
     return result
 
 
