@@ -120,10 +120,14 @@ def needle(model: Any, tokenizer: Any, task: Any, cache: Any, max_new: int) -> t
     return row, token
 
 
+#: the timed reads (their result keys keep the names "absorb"/"reconstruct") → EliteKV's read_mode
+READ_MODE = {"absorb": "latent", "reconstruct": "model", "auto": "auto"}
+
+
 def set_mode(model: Any, mode: str) -> None:
     for module in model.modules():
         if isinstance(module, elitekv.EliteKVAttention):
-            module.attention_mode = mode
+            module.read_mode = READ_MODE[mode]
 
 
 @torch.inference_mode()

@@ -188,7 +188,7 @@ def make_cache(model: Any, projs: dict[str, Any], variant: str, budget: float, m
     base, sink = variant.split("+")[0], SINK in variant
     source, how = base.split("-")
     return compresskv.MatryoshkaKVCache(model, projs[source + (SINK if sink else "")], compression_ratio=1 - budget,
-                                        mode=mode,
+                                        read_mode={"projected": "latent", "reconstruct": "model"}.get(mode, mode),
                                         use_allocation=(how == "allocated"), sink_tokens=sink_tokens if sink else 0)
 
 

@@ -205,14 +205,14 @@ def test_elitekv_chunked_prefill_compresses_as_unchunked():
 
 
 # -- 3. attention maps from the projected read -------------------------------------------------------
-@pytest.mark.parametrize("mode", ["projected", "projected_explicit", "reconstruct"])
+@pytest.mark.parametrize("mode", ["latent", "latent_explicit", "model"])
 def test_projected_cache_returns_attention_maps(mode):
     model = tiny_model("llama", "eager")
     ids, mask = batch_inputs(2, length=24)
     projections = compresskv.calibrate(model, calib_ids(), seq_len=48, progress=False)
     steps = 4
     ref = generate(model, ids, mask, dynamic(model), new_tokens=steps, output_attentions=True)
-    out = generate(model, ids, mask, compresskv.MatryoshkaKVCache(model, projections, rank=HEAD_DIM, mode=mode),
+    out = generate(model, ids, mask, compresskv.MatryoshkaKVCache(model, projections, rank=HEAD_DIM, read_mode=mode),
                    new_tokens=steps, output_attentions=True)
     assert torch.equal(out.sequences, ref.sequences)
     assert [len(step) for step in out.attentions] == [4] * steps  # before: [4, 0, 0, 0]
@@ -221,7 +221,7 @@ def test_projected_cache_returns_attention_maps(mode):
         for got, want in zip(step, ref_step):
             assert got.shape == want.shape == (2, 4, q_len, 24 + i)
             assert (got - want).abs().max().item() <= 1e-5
-    low = generate(model, ids, mask, compresskv.MatryoshkaKVCache(model, projections, rank=4, mode=mode),
+    low = generate(model, ids, mask, compresskv.MatryoshkaKVCache(model, projections, rank=4, read_mode=mode),
                    new_tokens=steps, output_attentions=True)
     for step in low.attentions[1:]:
         for weights in step:

@@ -30,7 +30,7 @@ def model_with_biases(family: str = "qwen2", attn: str = "sdpa", **kwargs):
 def set_mode(model, mode: str) -> None:
     for module in model.modules():
         if isinstance(module, elitekv.EliteKVAttention):
-            module.attention_mode = mode
+            module.read_mode = mode
 
 
 def calibration_ids(n: int = 4, length: int = 32, seed: int = 3) -> torch.Tensor:
@@ -50,7 +50,7 @@ def test_all_pairs_full_rank_matches_original(family, attn, batch):
     dims = elitekv.model_dims(model)
     half = dims["head_dim"] // 2
     elitekv.convert(model, rope_pairs=half, kv_dim=elitekv.joint_rank(dims, half), selection="uniform", progress=False)
-    for mode in ("auto", "absorb", "reconstruct"):
+    for mode in ("auto", "latent", "model"):
         set_mode(model, mode)
         seq, logits = greedy(model, ids, mask, None)
         assert torch.equal(seq, ref_seq), mode
@@ -98,8 +98,8 @@ def test_partial_rope_layer_matches_reference(family):
         scores = scores.masked_fill(~torch.ones(10, 10, dtype=torch.bool).tril(), float("-inf"))
         ref = original.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, -1))
         causal = torch.zeros(1, 1, 10, 10).masked_fill(~torch.ones(10, 10, dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
-        for mode in ("absorb", "reconstruct"):
-            new.attention_mode = mode
+        for mode in ("latent", "model"):
+            new.read_mode = mode
             got, _ = new(x, position_embeddings=(cos, sin), attention_mask=causal)
             assert (got - ref).abs().max().item() <= 1e-5, mode
 
@@ -109,9 +109,9 @@ def test_low_rank_attention_paths_agree(attn):
     model = model_with_biases("qwen2", attn)
     elitekv.convert(model, 2, 10, selection="uniform", progress=False)
     ids, mask = batch_inputs(3)
-    set_mode(model, "absorb")
+    set_mode(model, "latent")
     a = greedy(model, ids, mask, None)
-    set_mode(model, "reconstruct")
+    set_mode(model, "model")
     b = greedy(model, ids, mask, None)
     assert torch.equal(a[0], b[0])
     assert (a[1] - b[1]).abs().max().item() <= 1e-4

@@ -1,9 +1,9 @@
 """Latent-space attention through fused kernels (issue #7, item 3) against the explicit reference.
 
-EliteKV's absorbed decode runs in ``scaled_dot_product_attention`` (``attention="absorb"``); the
-explicit matmul/softmax path stays as ``absorb_explicit``. MatryoshkaKV's projected mode reads the
+EliteKV's absorbed decode runs in ``scaled_dot_product_attention`` (``read_mode="latent"``); the
+explicit matmul/softmax path stays as ``latent_explicit``. MatryoshkaKV's projected read reads the
 stored latents through a fused kernel that returns its log-sum-exp and merges the new tokens by it
-(``mode="projected"`` on CUDA); ``projected_explicit`` is the reference. On CPU both fused paths
+(``read_mode="latent"`` on CUDA); ``latent_explicit`` is the reference. On CPU both fused paths
 are compared with their references on real attention calls (recorded from generate() and chunked
 forwards with left padding); the ``gpu`` tests repeat that on CUDA in fp16/bf16 and check that a
 fused kernel, not SDPA's math fallback, ran.
@@ -51,7 +51,7 @@ class SdpaCounter:
 def set_mode(model: torch.nn.Module, mode: str) -> None:
     for module in model.modules():
         if isinstance(module, elitekv.EliteKVAttention):
-            module.attention_mode = mode
+            module.read_mode = mode
 
 
 def biased_model(family: str, attn: str, kv_heads: int, seed: int = 0) -> torch.nn.Module:
@@ -87,7 +87,7 @@ ELITE_CONFIGS = {"llama-gqa": ("llama", 2), "llama-mha": ("llama", 4), "qwen2-gq
 
 
 def record_absorbed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
-    """Record the inputs of every explicit absorbed call (the model runs ``absorb_explicit``)."""
+    """Record the inputs of every explicit absorbed call (the model runs ``latent_explicit``)."""
     calls: list[tuple[Any, ...]] = []
     real = elitekv_attention.EliteKVAttention._absorbed
 
@@ -106,7 +106,7 @@ def test_elitekv_sdpa_equals_the_explicit_reference_on_real_calls(monkeypatch, c
     family, kv_heads = ELITE_CONFIGS[config]
     model = biased_model(family, attn, kv_heads)
     elitekv.convert(model, rope_pairs, 10, selection="uniform", progress=False)
-    set_mode(model, "absorb_explicit")
+    set_mode(model, "latent_explicit")
     calls = record_absorbed(monkeypatch)
     ids, mask = batch_inputs(3)
     chunked_run(model, compresskv.EliteKVCache(model), ids, mask)
@@ -134,7 +134,7 @@ def test_elitekv_sdpa_in_half_precision_on_cpu(monkeypatch, dtype):
     model = biased_model("qwen2", "sdpa", 2)
     elitekv.convert(model, 2, 16, selection="uniform", progress=False)
     model.to(dtype)
-    set_mode(model, "absorb_explicit")
+    set_mode(model, "latent_explicit")
     calls = record_absorbed(monkeypatch)
     ids, mask = batch_inputs(3)
     chunked_run(model, compresskv.EliteKVCache(model), ids, mask)
@@ -154,16 +154,16 @@ def test_elitekv_generate_through_sdpa_equals_explicit_and_reconstruct(monkeypat
     elitekv.convert(model, 2, 10, selection="uniform", progress=False)
     ids, mask = batch_inputs(3)
     runs = {}
-    for mode in ("absorb_explicit", "reconstruct", "absorb"):
+    for mode in ("latent_explicit", "model", "latent"):
         set_mode(model, mode)
         counter = SdpaCounter(monkeypatch)
         runs[mode] = greedy(model, ids, mask, None)
         monkeypatch.undo()
     # Under eager attention the weights are returned, so the explicit path runs: no SDPA call.
     assert (counter.calls > 0) == (attn == "sdpa")
-    for mode in ("absorb_explicit", "reconstruct"):
-        assert torch.equal(runs["absorb"][0], runs[mode][0]), mode
-        assert (runs["absorb"][1] - runs[mode][1]).abs().max().item() <= 1e-4, mode
+    for mode in ("latent_explicit", "model"):
+        assert torch.equal(runs["latent"][0], runs[mode][0]), mode
+        assert (runs["latent"][1] - runs[mode][1]).abs().max().item() <= 1e-4, mode
 
 
 @pytest.mark.parametrize("config", ["llama-gqa", "llama-mha"])
@@ -176,7 +176,7 @@ def test_elitekv_no_compression_generate_through_sdpa_matches_dynamic_cache(monk
     dims = elitekv.model_dims(model)
     half = dims["head_dim"] // 2
     elitekv.convert(model, half, elitekv.joint_rank(dims, half), selection="uniform", progress=False)
-    set_mode(model, "absorb")  # every call, prefill included, through SDPA
+    set_mode(model, "latent")  # every call, prefill included, through SDPA
     counter = SdpaCounter(monkeypatch)
     seq, logits = greedy(model, ids, mask, None)
     assert counter.calls == 4 * 6  # 4 layers × (prefill + 5 decode steps)
@@ -186,11 +186,11 @@ def test_elitekv_no_compression_generate_through_sdpa_matches_dynamic_cache(monk
 
 def test_absorb_explicit_is_a_conversion_option():
     model = tiny_model("llama", "sdpa")
-    elitekv.convert(model, 2, 10, selection="uniform", attention="absorb_explicit", progress=False)
-    assert {m.attention_mode for m in model.modules() if isinstance(m, elitekv.EliteKVAttention)} == {"absorb_explicit"}
-    assert model.model.layers[0].self_attn.choose_mode(1, 100) == "absorb_explicit"
-    with pytest.raises(ValueError, match="absorb_explicit"):
-        elitekv.convert(tiny_model("llama", "sdpa"), 2, 10, selection="uniform", attention="fused", progress=False)
+    elitekv.convert(model, 2, 10, selection="uniform", read_mode="latent_explicit", progress=False)
+    assert {m.read_mode for m in model.modules() if isinstance(m, elitekv.EliteKVAttention)} == {"latent_explicit"}
+    assert model.model.layers[0].self_attn.choose_mode(1, 100) == "latent_explicit"
+    with pytest.raises(ValueError, match="latent_explicit"):
+        elitekv.convert(tiny_model("llama", "sdpa"), 2, 10, selection="uniform", read_mode="fused", progress=False)
 
 
 # -- MatryoshkaKV ----------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_matryoshka_fused_equals_the_explicit_reference_on_real_calls(monkeypatc
     options = dict(rank=6) if ranks == "uniform" else dict(ranks=paired_ranks(p, [6, 4], [6, 4]))
     check = FusedCheck(monkeypatch)
     ids, mask = batch_inputs(3)
-    cache = compresskv.MatryoshkaKVCache(model, p, mode="projected", **options)  # on CPU: explicit, checked
+    cache = compresskv.MatryoshkaKVCache(model, p, read_mode="latent", **options)  # on CPU: explicit, checked
     chunked_run(model, cache, ids, mask)
     assert cache.layers[0].factors.paired and cache.layers[0].valid is not None  # left padding stored
     assert check.ran == 4 * 6 and check.declined == 0  # 4 layers × (2 chunks over a prefix + 4 steps)
@@ -291,14 +291,14 @@ def test_matryoshka_falls_back_to_the_explicit_path(monkeypatch, case):
     monkeypatch.setattr(ProjectedLayer, "projected_attention_sdpa",
                         lambda layer, call: fused.append(real(layer, call)) or fused[-1])
     ids, mask = batch_inputs(3)
-    mode = "projected_explicit" if case == "explicit-mode" else "projected"
-    cache = compresskv.MatryoshkaKVCache(model, p, mode=mode, **options)
+    mode = "latent_explicit" if case == "explicit-mode" else "latent"
+    cache = compresskv.MatryoshkaKVCache(model, p, read_mode=mode, **options)
     seq, logits = greedy(model, ids, mask, cache)
     if case == "unequal-k-v-ranks":  # tried, declined: the CPU kernel needs equal head dims
         assert fused and all(f is None for f in fused)
     else:
         assert not fused
-    ref = greedy(model, ids, mask, compresskv.MatryoshkaKVCache(model, p, mode="reconstruct", **options))
+    ref = greedy(model, ids, mask, compresskv.MatryoshkaKVCache(model, p, read_mode="model", **options))
     assert torch.equal(seq, ref[0]) and (logits - ref[1]).abs().max().item() <= 1e-4
 
 
@@ -365,7 +365,7 @@ def test_gpu_elitekv_sdpa_matches_the_reference(monkeypatch, dtype, config):
     model = biased_model(family, "sdpa", kv_heads)
     elitekv.convert(model, 2, 16, selection="uniform", progress=False)  # kv_dim 16: a multiple of 8
     model.to("cuda", torch_dtype)
-    set_mode(model, "absorb_explicit")
+    set_mode(model, "latent_explicit")
     calls = record_absorbed(monkeypatch)
     ids, mask = (t.cuda() for t in batch_inputs(3))
     chunked_run(model, compresskv.EliteKVCache(model), ids, mask)
@@ -389,9 +389,9 @@ def test_gpu_elitekv_never_runs_the_math_fallback(monkeypatch):
     elitekv.convert(model, 2, 10, selection="uniform", progress=False)
     model.to("cuda", torch.float16)
     ids, mask = (t.cuda() for t in batch_inputs(3))
-    set_mode(model, "absorb_explicit")
+    set_mode(model, "latent_explicit")
     ref = greedy(model, ids, mask, None)
-    set_mode(model, "absorb")
+    set_mode(model, "latent")
     with _fused_only():
         got = greedy(model, ids, mask, None)
     assert torch.equal(got[0], ref[0]) and (got[1] - ref[1]).abs().max().item() <= 4e-3 * ref[1].abs().max().item()

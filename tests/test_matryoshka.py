@@ -10,7 +10,7 @@ from compresskv.projected.projections import Projections, kept_fraction
 from compresskv.projected.training import cayley
 from conftest import VOCAB, batch_inputs, dynamic, greedy, tiny_model, kv
 
-MODES = ("projected", "reconstruct")
+MODES = ("latent", "model")
 CONFIGS = {
     "llama-gqa": dict(family="llama"),  # 4 query heads on 2 KV heads
     "llama-mha": dict(family="llama", kv_heads=4),  # num_key_value_heads == num_attention_heads
@@ -54,7 +54,7 @@ def test_full_rank_matches_dynamic_cache(config, attn, batch):
     ref_seq, ref_logits = greedy(model, ids, mask, dynamic(model))
     for mode in MODES:
         for options in (dict(compression_ratio=0.0), dict(rank=p.head_dim)):
-            cache = compresskv.MatryoshkaKVCache(model, p, mode=mode, **options)
+            cache = compresskv.MatryoshkaKVCache(model, p, read_mode=mode, **options)
             seq, logits = greedy(model, ids, mask, cache)
             assert torch.equal(seq, ref_seq), (mode, options)
             assert (logits - ref_logits).abs().max().item() <= 1e-4, (mode, options)
@@ -68,7 +68,7 @@ def test_projected_attention_equals_reconstruct_on_read_at_low_rank(config, attn
     model's own attention computes on the reconstructed keys and values."""
     model, p = model_and_projections(config, attn)
     ids, mask = batch_inputs(3)
-    runs = [greedy(model, ids, mask, compresskv.MatryoshkaKVCache(model, p, ranks=uneven_ranks(p), mode=mode))
+    runs = [greedy(model, ids, mask, compresskv.MatryoshkaKVCache(model, p, ranks=uneven_ranks(p), read_mode=mode))
             for mode in MODES]
     assert torch.equal(runs[0][0], runs[1][0])
     assert (runs[0][1] - runs[1][1]).abs().max().item() <= 1e-4
@@ -105,9 +105,9 @@ def test_load_prefill_equals_prefilling_through_the_cache():
     dyn = dynamic(model)
     model(input_ids=prompt, **kv(dyn), use_cache=True)
     for mode in MODES:
-        direct = compresskv.MatryoshkaKVCache(model, p, ranks=uneven_ranks(p), mode=mode)
+        direct = compresskv.MatryoshkaKVCache(model, p, ranks=uneven_ranks(p), read_mode=mode)
         model(input_ids=prompt, **kv(direct), use_cache=True)
-        loaded = compresskv.MatryoshkaKVCache(model, p, ranks=uneven_ranks(p), mode=mode).load_prefill(dyn)
+        loaded = compresskv.MatryoshkaKVCache(model, p, ranks=uneven_ranks(p), read_mode=mode).load_prefill(dyn)
         assert loaded.nbytes() == direct.nbytes() and loaded.get_seq_length() == 40
         a = model(input_ids=rest, **kv(direct), use_cache=True).logits
         b = model(input_ids=rest, **kv(loaded), use_cache=True).logits
@@ -145,7 +145,7 @@ def test_low_rank_matches_an_independent_reconstruction(sink_tokens, mode):
     dyn = dynamic(model)
     model(input_ids=prompt, **kv(dyn), use_cache=True)
     ref = model(input_ids=rest, **kv(_simulated(model, p, dyn, rk, rv, sink_tokens)), use_cache=True).logits
-    cache = compresskv.MatryoshkaKVCache(model, p, ranks=(rk, rv), mode=mode, sink_tokens=sink_tokens)
+    cache = compresskv.MatryoshkaKVCache(model, p, ranks=(rk, rv), read_mode=mode, sink_tokens=sink_tokens)
     model(input_ids=prompt, **kv(cache), use_cache=True)
     logits = model(input_ids=rest, **kv(cache), use_cache=True).logits
     assert (logits - ref).abs().max().item() <= 1e-4
@@ -155,7 +155,7 @@ def test_low_rank_matches_an_independent_reconstruction(sink_tokens, mode):
 def test_sink_tokens_under_left_padding_agree_between_modes(attn):
     model, p = model_and_projections("llama-gqa", attn)
     ids, mask = batch_inputs(3)
-    runs = [greedy(model, ids, mask, compresskv.MatryoshkaKVCache(model, p, rank=3, mode=mode, sink_tokens=2))
+    runs = [greedy(model, ids, mask, compresskv.MatryoshkaKVCache(model, p, rank=3, read_mode=mode, sink_tokens=2))
             for mode in MODES]
     assert torch.equal(runs[0][0], runs[1][0]) and (runs[0][1] - runs[1][1]).abs().max().item() <= 1e-4
     cache = compresskv.MatryoshkaKVCache(model, p, rank=3, sink_tokens=2)
@@ -323,7 +323,7 @@ def test_patch_matryoshka_and_pca():
     assert out.shape == (2, ids.shape[1] + 3)
     compresskv.unpatch(model)
     assert {"matryoshka", "pca"} <= set(compresskv.available_methods())
-    assert {"projections", "compression_ratio", "rank", "ranks", "mode"} <= set(
+    assert {"projections", "compression_ratio", "rank", "ranks", "read_mode"} <= set(
         compresskv.method_options("matryoshka"))
     texts = calib_ids(2)
     first = compresskv.make_cache(model, "pca", compression_ratio=0.5, texts=texts, seq_len=48)
@@ -354,7 +354,7 @@ def test_pca_without_projections_or_texts_is_a_clear_error():
     (dict(compression_ratio=1.0), ["compression_ratio", "[0, 1)"]),
     (dict(compression_ratio=0.5, rank=4), ["exactly one"]),
     (dict(), ["exactly one", "compression_ratio"]),
-    (dict(compression_ratio=0.5, mode="fast"), ["mode", "projected", "reconstruct"]),
+    (dict(compression_ratio=0.5, read_mode="fast"), ["read_mode", "latent", "model"]),
     (dict(compression_ratio=0.5, sink_tokens=-1), ["sink_tokens"]),
     (dict(ranks=(torch.full((4, 3), 4), torch.full((4, 3), 4))), ["ranks_k", "[4, 2]"]),
     (dict(ranks=(torch.full((4, 2), 4), torch.full((4, 2), 99))), ["ranks_v", "[1, head_dim=16]"]),
@@ -450,7 +450,7 @@ def test_calibration_training_and_cache_on_cuda():
     batch, mask = (t.cuda() for t in batch_inputs(3))
     ref = greedy(model, batch, mask, dynamic(model))[1]
     for mode in MODES:
-        logits = greedy(model, batch, mask, compresskv.MatryoshkaKVCache(model, trained, compression_ratio=0.0, mode=mode))[1]
+        logits = greedy(model, batch, mask, compresskv.MatryoshkaKVCache(model, trained, compression_ratio=0.0, read_mode=mode))[1]
         assert (logits - ref).abs().max().item() <= 1e-4
     greedy(model, batch, mask, compresskv.MatryoshkaKVCache(model, trained, compression_ratio=0.5, sink_tokens=1))
 
@@ -467,7 +467,7 @@ def test_embedded_model_full_rank_exact_and_half_budget_halves_the_cache():
     kwargs = dict(input_ids=ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     ref = model.generate(**kv(dynamic(model)), **kwargs)
     for mode in MODES:
-        out = model.generate(**kv(compresskv.MatryoshkaKVCache(model, p, compression_ratio=0.0, mode=mode)), **kwargs)
+        out = model.generate(**kv(compresskv.MatryoshkaKVCache(model, p, compression_ratio=0.0, read_mode=mode)), **kwargs)
         assert torch.equal(out.sequences, ref.sequences), mode
         assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) <= 1e-4, mode
     cache = compresskv.MatryoshkaKVCache(model, p, compression_ratio=0.5)

@@ -1,9 +1,11 @@
 """What every method family shares: the cache and layer base (:mod:`.cache`), the attention hook
-(:mod:`.attention`), model facts (:mod:`.facts`), RoPE helpers (:mod:`.rope`) and the fused
-attention with log-sum-exp that merges two softmax parts exactly (:mod:`.lse`)."""
+(:mod:`.attention`), model facts (:mod:`.facts`), RoPE helpers (:mod:`.rope`), the fused
+attention with log-sum-exp that merges two softmax parts exactly (:mod:`.lse`) and the one
+vocabulary of ``read_mode=`` values (:mod:`.readmode`)."""
 
 from .cache import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
 from .facts import ModelDims, full_attention_layers, model_dims, plain_layers, text_config
+from .readmode import READ_MODES, check_read_mode
 from .rope import rotate_half
 
 __all__ = [
@@ -11,7 +13,9 @@ __all__ = [
     "CompressedCache",
     "KVLayer",
     "ModelDims",
+    "READ_MODES",
     "full_attention_layers",
+    "check_read_mode",
     "model_dims",
     "plain_layers",
     "refuse_mla",

@@ -18,9 +18,14 @@ import torch
 from ..core.attention import AttentionCall
 from ..core.cache import KVLayer, refuse_mla
 from ..core.facts import full_attention_layers, text_config
+from ..core.readmode import check_read_mode
 from ..core.storage import tensor_bytes
 from .factors import REMAINDERS, _is_int, _is_number
 from .group import ReadCost, _Group, _GroupedCache, _PrefixLayer
+
+#: MiniCache's ``read_mode`` values (see :data:`compresskv.core.readmode.READ_MODES`): ``"auto"`` and
+#: ``"latent"`` both attend from the merged form directly (there is no rebuilt alternative to weigh).
+READ_MODES = ("auto", "latent", "model")
 
 
 def slerp_merge(
@@ -182,6 +187,9 @@ class MiniCache(_GroupedCache):
         gamma: retention threshold in [0, 1] (paper: 0.05); ``1`` retains every token (exact).
         remainder: ``"error"`` when the range has an odd number of layers, or ``"last_group"`` to
             leave the last one unmerged.
+        read_mode: how the merged prompt is read at decode (same result): ``"auto"`` (default) or
+            ``"latent"`` (attention from the merged form directly), or ``"model"`` (rebuild the
+            pair's K/V and call the model's own attention function).
         profile: account every read of the merged prompt (bytes, multiply-adds, host time) in
             ``stats().last_read``/``total_read`` (default ``False``: no accounting on the decode path).
 
@@ -201,10 +209,12 @@ class MiniCache(_GroupedCache):
         t: float = 0.6,
         gamma: float = 0.05,
         remainder: str = "error",
+        read_mode: str = "auto",
         profile: bool = False,
     ) -> None:
         owner = type(self).__name__
         refuse_mla(model, owner)
+        self.read_mode = check_read_mode(owner, read_mode, READ_MODES)
         self.profile = self._check_profile(profile)
         if not (_is_number(t) and 0.0 <= t <= 1.0):
             raise ValueError(f"{owner}: t is the SLERP weight and must be in [0, 1], got {t!r}.")

@@ -28,6 +28,7 @@ import torch
 from ..core.attention import AttentionCall
 from ..core.cache import KVLayer, refuse_mla
 from ..core.facts import model_dims, text_config
+from ..core.readmode import check_read_mode
 from ..core.rope import rotate_half
 from ..core.storage import tensor_bytes
 from ..kernels.xkv_decode import MAX_ROWS, PrefixRope, merge_with_tail, triton_usable, xkv_decode
@@ -35,6 +36,7 @@ from .factors import KEYS_MODES, SVD_SOLVERS, KeysMode, _is_int, _is_number, ran
 from .group import ReadCost, _Group, _GroupedCache, _PrefixLayer
 from .positions import RotaryTable
 
+#: the ``read_mode`` values of xKV/SVD/MiniCache (see :data:`compresskv.core.readmode.READ_MODES`)
 READ_MODES = ("auto", "latent", "rebuild", "model", "fused")
 #: query rows per KV head (GQA group × new tokens) up to which ``read_mode="auto"`` uses the fused
 #: kernel on CUDA: the rows one kernel launch takes (above it, a long chunk of new tokens, the
@@ -338,9 +340,7 @@ class XKVCache(_GroupedCache):
     ) -> None:
         owner = type(self).__name__
         refuse_mla(model, owner)  # before the options, which would be judged against the wrong shapes
-        if read_mode not in READ_MODES:
-            raise ValueError(f"{owner}: read_mode must be one of {list(READ_MODES)}, got {read_mode!r}.")
-        self.read_mode = read_mode
+        self.read_mode = check_read_mode(owner, read_mode, READ_MODES)
         self.profile = self._check_profile(profile)
         dims = model_dims(model)
         n_kv, head_dim = dims["kv_heads"], dims["head_dim"]

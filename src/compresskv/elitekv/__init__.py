@@ -20,7 +20,7 @@ A conversion changes the model's weights and class: ``compresskv.unpatch`` does 
 from __future__ import annotations
 
 from ..core.facts import model_dims
-from .attention import ATTENTION_MODES, EliteKVAttention, additive_mask
+from .attention import READ_MODES, EliteKVAttention, additive_mask
 from .cache import EliteKVCache, EliteKVLayer, elitekv_spec
 from .conversion import conversion_info, convert, converted_class, load_converted, make_cache, revert
 from .factorization import SVD_MODES, default_rope_pairs, factorize, jlrd_weights, joint_rank, resolve_sizes
@@ -29,7 +29,7 @@ from .support import SUPPORTED_FAMILIES, check_supported, is_converted
 from .uptrain import UptrainConfig, uptrain
 
 __all__ = [
-    "ATTENTION_MODES",
+    "READ_MODES",
     "SELECTIONS",
     "SUPPORTED_FAMILIES",
     "SVD_MODES",

@@ -6,8 +6,8 @@ cached tokens) runs MLA-style with ``W_up`` absorbed: per query head the nope qu
 the latent space (``q_nope · W_up,k``), logits are ``q_rope·k_ropeᵀ + q_abs·latentᵀ``, the context
 ``softmax · latent`` is mapped back with ``W_up,v``; nothing of size T × H_kv·d is ever built.
 Prefill and training (many queries) reconstruct K and V from the latent and call the model's own
-attention backend (eager, sdpa, flash), which is cheaper there and memory-efficient. ``auto``
-picks by a multiply-add count; ``absorb`` / ``reconstruct`` force one.
+attention backend (eager, sdpa, flash), which is cheaper there and memory-efficient. ``read_mode``
+``auto`` picks by a multiply-add count; ``latent`` (absorbed) / ``model`` (reconstructed) force one.
 
 The absorbed attention runs in ``scaled_dot_product_attention`` (:meth:`EliteKVAttention._absorbed_sdpa`):
 the latent is the key *and* the value of every query head (MQA-like, expanded as a view), the
@@ -17,7 +17,7 @@ for every key of a query row, so softmax ignores it. The explicit matmul/softmax
 (:meth:`EliteKVAttention._absorbed`) is kept as the reference, and runs instead under ``eager``
 attention (which returns the weights), on CUDA when no fused SDPA kernel accepts the shapes (e.g. a
 ``kv_dim`` not a multiple of 8 in fp16/bf16: SDPA would fall back to its math kernel), and when
-forced with ``attention="absorb_explicit"``.
+forced with ``read_mode="latent_explicit"``.
 """
 
 from __future__ import annotations
@@ -31,11 +31,24 @@ from torch import nn
 
 from .. import compat
 from ..core.lse import fused_sdpa_ok
+from ..core.readmode import check_read_mode
 from ..core.rope import rotate_half
 from .cache import EliteKVCache
 
-#: how a converted layer reads its cache (``attention=`` of :func:`compresskv.elitekv.convert`).
-ATTENTION_MODES = ("auto", "absorb", "absorb_explicit", "reconstruct")
+#: how a converted layer reads its cache (``read_mode=`` of :func:`compresskv.elitekv.convert`; see
+#: :data:`compresskv.core.readmode.READ_MODES`).
+READ_MODES = ("auto", "latent", "latent_explicit", "model")
+#: the old ``attention=`` values (and ``spec["attention"]`` of models converted before) → ``read_mode``
+RENAMED_READ_MODES = {"absorb": "latent", "absorb_explicit": "latent_explicit", "reconstruct": "model"}
+
+
+def spec_read_mode(spec: dict[str, Any]) -> str:
+    """A converted model's read mode from its config entry: ``read_mode``, or the ``attention``
+    key (old values mapped) that conversions before the rename wrote."""
+    if "read_mode" in spec:
+        return spec["read_mode"]
+    old = spec.get("attention", "auto")
+    return RENAMED_READ_MODES.get(old, old)
 
 
 def additive_mask(mask: Any, bsz: int, q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -92,7 +105,7 @@ class EliteKVAttention(nn.Module):
         self.rope_pairs, self.kv_dim = int(spec["rope_pairs"]), int(spec["kv_dim"])
         self.nope_dim = self.head_dim - 2 * self.rope_pairs
         self.pairs = tuple(tuple(int(p) for p in head) for head in spec["pairs"][layer_idx])
-        self.attention_mode = spec.get("attention", "auto")
+        self.read_mode = spec_read_mode(spec)
         self._eager_module = spec.get("eager_module")
         bias = spec["bias"]
         kw = {"device": device, "dtype": dtype}
@@ -108,7 +121,7 @@ class EliteKVAttention(nn.Module):
         self._fused: dict[tuple[Any, ...], bool] = {}  # does a fused SDPA kernel take the absorbed read
 
     def extra_repr(self) -> str:
-        return f"rope_pairs={self.rope_pairs}, kv_dim={self.kv_dim}, mode={self.attention_mode}"
+        return f"rope_pairs={self.rope_pairs}, kv_dim={self.kv_dim}, read_mode={self.read_mode}"
 
     def _rope_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         index = self._index.get(device)
@@ -127,15 +140,25 @@ class EliteKVAttention(nn.Module):
             from transformers.models.llama.modeling_llama import eager_attention_forward as fn
         return fn
 
+    @property
+    def attention_mode(self) -> str:
+        """The old name of :attr:`read_mode` (setting it checks the value like ``read_mode=``, so an
+        old value is refused naming the new one rather than silently ignored)."""
+        return self.read_mode
+
+    @attention_mode.setter
+    def attention_mode(self, value: str) -> None:
+        self.read_mode = check_read_mode(type(self).__name__, value, READ_MODES, RENAMED_READ_MODES)
+
     def choose_mode(self, q_len: int, kv_len: int) -> str:
-        """``absorb``, ``absorb_explicit`` or ``reconstruct`` for ``q_len`` queries over ``kv_len``
-        tokens (``auto``: ``absorb`` or ``reconstruct``, the one with fewer multiply-adds)."""
-        if self.attention_mode != "auto":
-            return self.attention_mode
+        """``latent``, ``latent_explicit`` or ``model`` for ``q_len`` queries over ``kv_len``
+        tokens (``auto``: ``latent`` or ``model``, the one with fewer multiply-adds)."""
+        if self.read_mode != "auto":
+            return self.read_mode
         hq, hkv, d, r2, nope, c = self.num_heads, self.num_kv_heads, self.head_dim, 2 * self.rope_pairs, self.nope_dim, self.kv_dim
         absorb = hq * q_len * c * (nope + d) + hq * q_len * kv_len * (r2 + 2 * c)
         rebuild = kv_len * c * hkv * (nope + d) + hq * q_len * kv_len * 2 * d
-        return "absorb" if absorb < rebuild else "reconstruct"
+        return "latent" if absorb < rebuild else "model"
 
     def forward(
         self,
@@ -164,9 +187,9 @@ class EliteKVAttention(nn.Module):
             _check_cache(cache)
             k_rope, latent = cache.update(k_rope, latent, self.layer_idx)
         mode = self.choose_mode(q_len, latent.shape[-2])
-        if mode == "absorb" and not self._returns_weights():
+        if mode == "latent" and not self._returns_weights():
             out, weights = self._absorbed_sdpa(query, k_rope, latent, attention_mask)
-        elif mode in ("absorb", "absorb_explicit"):
+        elif mode in ("latent", "latent_explicit"):
             out, weights = self._absorbed(query, k_rope, latent, attention_mask)
         else:
             out, weights = self._reconstructed(query, k_rope, latent, attention_mask, **kwargs)

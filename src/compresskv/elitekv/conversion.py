@@ -16,7 +16,8 @@ from torch import nn
 from .. import compat
 from ..core.cache import refuse_mla
 from ..core.facts import model_dims, text_config
-from .attention import ATTENTION_MODES, EliteKVAttention
+from ..core.readmode import check_read_mode, refuse_renamed_option, renamed_option
+from .attention import READ_MODES, RENAMED_READ_MODES, EliteKVAttention, spec_read_mode
 from .cache import EliteKVCache, elitekv_spec
 from .factorization import SVD_MODES, jlrd_weights, resolve_sizes
 from .ranking import SELECTIONS, FrequencyRanking, input_moments, rank_frequencies, select_pairs
@@ -111,10 +112,11 @@ def convert(
     tokenizer: Any = None,
     seq_len: int = 1024,
     num_windows: int = 8,
-    attention: str = "auto",
+    read_mode: str = "auto",
     keep_original: bool = False,
     damping: float = 1e-6,
     progress: bool = True,
+    **removed: Any,
 ) -> nn.Module:
     """Convert ``model`` in place to EliteKV attention and return it.
 
@@ -125,9 +127,13 @@ def convert(
     ``compression_ratio`` = 1 − cache_ratio; see :func:`resolve_sizes`). ``svd``:
     ``weight`` (the paper) or ``activation`` (whitened by calibration inputs: from the ranking's
     ``input_moment``, else computed from ``calibration_texts``); ``auto`` (default) is
-    ``activation`` when such data is given and ``weight`` otherwise. ``attention``: ``auto``,
-    ``absorb`` (through ``scaled_dot_product_attention`` where a fused kernel takes it),
-    ``absorb_explicit`` (the explicit reference path) or ``reconstruct`` (see the module notes).
+    ``activation`` when such data is given and ``weight`` otherwise. ``read_mode``
+    (:data:`compresskv.core.readmode.READ_MODES`): ``auto`` (per call, the fewer multiply-adds),
+    ``latent`` (attend in the latent space with ``W_up`` absorbed, through
+    ``scaled_dot_product_attention`` where a fused kernel takes it), ``latent_explicit`` (the same by
+    explicit matmuls and softmax: the reference) or ``model`` (rebuild K/V and run the model's own
+    attention; see the module notes). The old ``attention=`` and its values (``absorb``,
+    ``absorb_explicit``, ``reconstruct``) are refused, naming the new spelling.
     ``keep_original`` keeps the original attention modules so that :func:`revert` (and
     re-conversion to other sizes) can restore them.
 
@@ -144,8 +150,8 @@ def convert(
         raise ValueError(f"compresskv.elitekv: unknown selection {selection!r}; choose one of {list(SELECTIONS)}")
     if svd not in SVD_MODES:
         raise ValueError(f"compresskv.elitekv: svd must be one of {list(SVD_MODES)}, got {svd!r}")
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"compresskv.elitekv: attention must be one of {list(ATTENTION_MODES)}, got {attention!r}")
+    _refuse_renamed(removed)
+    check_read_mode("compresskv.elitekv.convert", read_mode, READ_MODES, RENAMED_READ_MODES)
     rank = _resolve_ranking(model, ranking)
     if svd == "auto":
         has_data = (rank is not None and rank.input_moment is not None) or calibration_texts is not None
@@ -183,7 +189,7 @@ def convert(
         "kv_dim": c,
         "selection": selection,
         "svd": svd,
-        "attention": attention,
+        "read_mode": read_mode,
         "pairs": chosen.tolist(),
         "bias": {
             "q": first.q_proj.bias is not None, "k": first.k_proj.bias is not None,
@@ -292,12 +298,14 @@ def make_cache(model: nn.Module, *args: Any, **options: Any) -> EliteKVCache:
     ones, just give a new cache; other sizes re-convert from the original weights when the model was
     converted with ``keep_original=True`` and raise otherwise.
     """
+    _refuse_renamed(options)
     bound = make_cache.__signature__.bind(model, *args, **options)  # type: ignore[attr-defined]
     bound.apply_defaults()
     opts = {k: v for k, v in bound.arguments.items() if k != "model"}
     sizes = {k: opts[k] for k in ("rope_pairs", "kv_dim", "cache_ratio", "compression_ratio")}
-    selection, svd, attention = opts["selection"], opts["svd"], opts["attention"]
+    selection, svd, read_mode = opts["selection"], opts["svd"], opts["read_mode"]
     ranking, texts = opts["ranking"], opts["calibration_texts"]
+    check_read_mode("compresskv.elitekv.make_cache", read_mode, READ_MODES, RENAMED_READ_MODES)
     refuse_mla(model, "compresskv.elitekv")
     dims = model_dims(model)
     if is_converted(model):
@@ -309,11 +317,12 @@ def make_cache(model: nn.Module, *args: Any, **options: Any) -> EliteKVCache:
         if same and isinstance(ranking, FrequencyRanking) and spec.get("ranking"):
             same = ranking.config_hash == spec["ranking"]["config_hash"] and ranking.options == spec["ranking"]["options"]
         if same:
-            if attention != spec.get("attention", "auto"):
-                spec["attention"] = attention
+            if read_mode != spec_read_mode(spec):
+                spec.pop("attention", None)  # the old key (a model converted before the rename)
+                spec["read_mode"] = read_mode
                 for module in model.modules():
                     if isinstance(module, EliteKVAttention):
-                        module.attention_mode = attention
+                        module.read_mode = read_mode
             return EliteKVCache(model)
         stash = model.__dict__.get("_elitekv_original")
         if stash is None:
@@ -346,10 +355,21 @@ def make_cache(model: nn.Module, *args: Any, **options: Any) -> EliteKVCache:
     return EliteKVCache(model)
 
 
+def _refuse_renamed(options: dict[str, Any]) -> None:
+    """The old ``attention=`` (renamed ``read_mode=``) and, for :func:`convert`, unknown options."""
+    if "attention" in options:
+        refuse_renamed_option("compresskv.elitekv", "attention", RENAMED_READ_MODES)
+    other = sorted(k for k in options if k not in inspect.signature(convert).parameters)
+    if other:
+        raise TypeError(f"compresskv.elitekv: unexpected keyword argument(s) {other}.")
+
+
 def _factory_signature() -> inspect.Signature:
     sig = inspect.signature(convert)
-    params = [p for name, p in sig.parameters.items() if name not in _CONVERT_ONLY]
+    params = [p for name, p in sig.parameters.items() if name not in _CONVERT_ONLY and p.kind is not p.VAR_KEYWORD]
     return sig.replace(parameters=params, return_annotation="EliteKVCache")
 
 
 make_cache.__signature__ = _factory_signature()  # type: ignore[attr-defined]
+#: old option names and what replaces them (``compresskv.make_cache``/``patch`` say so)
+make_cache.renamed_options = {"attention": renamed_option("attention", RENAMED_READ_MODES)}  # type: ignore[attr-defined]

@@ -11,14 +11,14 @@ Like every compresskv cache, the tokens of a forward call attend to what is stor
 keys and values at full precision (prefill attention runs on the full keys and values); they are
 compressed when stored, right after. Two ways to read what is stored:
 
-* ``mode="projected"`` (default): attention in the projected space, through compresskv's attention
+* ``read_mode="latent"`` (default): attention in the projected space, through compresskv's attention
   function. Per KV head, ``q′ = q·U_k[:, :r]``, logits ``q′·k′ᵀ + q·μ_k`` scaled by the full head
   dim's scaling, ``softmax``, then ``(P·v′)·U_v[:, :r]ᵀ + (ΣP)·μ_v``; query heads are grouped onto
   their KV head (GQA) and padding is masked. Reads ``r/d`` of the bytes: this is the fast mode.
-* ``mode="reconstruct"``: rebuild ``k̂ = k′·U_kᵀ + μ_k`` (and ``v̂``) for every stored token on every
+* ``read_mode="model"``: rebuild ``k̂ = k′·U_kᵀ + μ_k`` (and ``v̂``) for every stored token on every
   read and run the model's own attention backend on them. Simple, but slower than no compression.
 
-In ``projected`` mode the stored tokens are read by a fused attention kernel where one takes them
+In ``latent`` mode the stored tokens are read by a fused attention kernel where one takes them
 (:meth:`ProjectedLayer.projected_attention_sdpa`): per group of KV heads sharing one key rank and
 one value rank, one fused call over the stored latents (query ``q·U_k[:, :r_k]``, keys ``k′``,
 values ``v′``, padding as an additive bias) that also returns its log-sum-exp; the ``q·μ_k`` term,
@@ -29,7 +29,7 @@ log-sum-exp, and without it the merge cannot be exact unless the new tokens are 
 latent tensors (a copy of the whole cache per step) or the stored logits are computed (what the
 fused kernel avoids): so this calls the ATen kernels behind it (see
 :func:`compresskv.core.lse.attention_with_lse`). The explicit path
-(:meth:`ProjectedLayer.projected_attention`, forced by ``mode="projected_explicit"``) stays the
+(:meth:`ProjectedLayer.projected_attention`, forced by ``read_mode="latent_explicit"``) stays the
 reference, and runs where the fused one does not apply: on CPU (measured faster there, see
 :attr:`ProjectedLayer.fused_devices`), under ``eager`` attention (which returns the attention
 weights, ``[batch, q_heads, q_len, stored + q_len]``, for ``output_attentions=True``), with sink tokens, for heads whose key ranks and value ranks
@@ -53,7 +53,10 @@ from .projections import Projections
 if TYPE_CHECKING:
     from .caches import MatryoshkaKVCache
 
-MODES = ("projected", "projected_explicit", "reconstruct")
+#: the ``read_mode`` values of the projected caches (see :data:`compresskv.core.readmode.READ_MODES`)
+READ_MODES = ("latent", "latent_explicit", "model")
+#: the old ``mode=`` values and their ``read_mode`` names
+RENAMED_READ_MODES = {"projected": "latent", "projected_explicit": "latent_explicit", "reconstruct": "model"}
 
 
 @dataclass
@@ -110,7 +113,7 @@ class LayerFactors:
 class ProjectedLayer(KVLayer):
     """A full-attention layer storing every token as per-head low-rank projections."""
 
-    #: Devices on which ``mode="projected"`` reads through the fused kernels. Not CPU: there the
+    #: Devices on which ``read_mode="latent"`` reads through the fused kernels. Not CPU: there the
     #: explicit path's GEMMs measured 15-25% faster than the CPU flash kernel at rank 16 and on par
     #: at rank 32 (one thread, 2k-16k tokens, batch 1-8); the tests still run the fused path on CPU.
     fused_devices: tuple[str, ...] = ("cuda",)
@@ -120,7 +123,7 @@ class ProjectedLayer(KVLayer):
         super().__init__()
         self.cache_ref = weakref.ref(cache)
         self.layer_idx = layer_idx
-        self.mode = cache.mode
+        self.read_mode = cache.read_mode
         self.ranks_k = [int(r) for r in cache.ranks_k[layer_idx]]
         self.ranks_v = [int(r) for r in cache.ranks_v[layer_idx]]
         self.factors: LayerFactors | None = None
@@ -157,9 +160,9 @@ class ProjectedLayer(KVLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hold the new tokens for this call's attention (they are stored, projected, right after
-        it) and return what the attention reads: the new tokens only in ``projected`` mode (the
+        it) and return what the attention reads: the new tokens only in ``latent`` modes (the
         stored ones are read in the projected space by :meth:`attend`), the reconstructed stored
-        tokens followed by the new ones in ``reconstruct`` mode."""
+        tokens followed by the new ones in ``model`` mode."""
         if self.expected is not None and (key_states.shape[1] != self.expected[1] or key_states.shape[-1] != self.expected[2]):
             raise ValueError(
                 f"compresskv: this cache was built for a model with {self.expected[1]} KV heads of dim "
@@ -171,7 +174,7 @@ class ProjectedLayer(KVLayer):
         self.seen += key_states.shape[-2]
         self._new = (key_states, value_states)
         keys, values = key_states, value_states
-        if self.mode == "reconstruct" and self.stored_before > 0:
+        if self.read_mode == "model" and self.stored_before > 0:
             f = self.factors
             old_k = self._with_sinks(self._reconstruct(self.k_latent, f.mu_k, f.k_groups, f.k_inverse), self.sink_k)
             old_v = self._with_sinks(self._reconstruct(self.v_latent, f.mu_v, f.v_groups, f.v_inverse), self.sink_v)
@@ -216,16 +219,16 @@ class ProjectedLayer(KVLayer):
 
     # -- attention ------------------------------------------------------------------------------
     def attend(self, call: AttentionCall, fn: Any) -> tuple[torch.Tensor, Any]:
-        if self.mode == "reconstruct" or self.stored_before == 0:
+        if self.read_mode == "model" or self.stored_before == 0:
             return super().attend(call, fn)
         module = call.module
         if getattr(module, "sinks", None) is not None or getattr(module.config, "attn_logit_softcapping", None):
             raise ValueError(
                 f"compresskv: {type(module).__name__} uses attention sinks or logit soft-capping, which the "
-                "projected-space attention does not implement; use mode='reconstruct'."
+                "projected-space attention does not implement; use read_mode='model'."
             )
         # eager attention returns the weights (output_attentions), which only the explicit path forms
-        if (self.mode == "projected" and self.sink_k is None and self.factors.paired and call.base != "eager"
+        if (self.read_mode == "latent" and self.sink_k is None and self.factors.paired and call.base != "eager"
                 and call.query.device.type in self.fused_devices):
             out = self.projected_attention_sdpa(call)
             if out is not None:

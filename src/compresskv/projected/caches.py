@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from ..core.cache import CacheStats, CompressedCache, KVLayer, refuse_mla
-from .cache import MODES, ProjectedLayer
+from ..core.readmode import check_read_mode, refuse_renamed_option, renamed_option
+from .cache import READ_MODES, RENAMED_READ_MODES, ProjectedLayer
 from .pca import calibrate
 from .projections import Projections, kept_fraction, refuse_removed
 
@@ -23,7 +24,7 @@ from .projections import Projections, kept_fraction, refuse_removed
 class ProjectedStats(CacheStats):
     """:class:`CacheStats` plus the ranks of every compressed layer (``None`` elsewhere)."""
 
-    mode: str = "projected"
+    read_mode: str = "latent"
     rank_source: str = ""
     ranks_k: list[list[int] | None] = field(default_factory=list)
     ranks_v: list[list[int] | None] = field(default_factory=list)
@@ -43,10 +44,12 @@ class MatryoshkaKVCache(CompressedCache):
             ``TypeError``: pass ``compression_ratio=1 - budget``.
         rank: instead, one rank in [1, head_dim] for every head's keys and values.
         ranks: instead, ``(ranks_k, ranks_v)``, each ``[layers][kv_heads]``.
-        mode: ``"projected"`` (attention in the projected space; on CUDA through fused kernels
-            where they take the shapes), ``"projected_explicit"`` (the same, always by explicit
-            logits and softmax: the reference) or ``"reconstruct"`` (rebuild the full keys and
-            values on every read).
+        read_mode: how the stored tokens are read (:data:`compresskv.core.readmode.READ_MODES`):
+            ``"latent"`` (attention in the projected space; on CUDA through fused kernels where
+            they take the shapes), ``"latent_explicit"`` (the same, always by explicit logits and
+            softmax: the reference) or ``"model"`` (rebuild the full keys and values on every read
+            and run the model's attention). The old ``mode=`` (``"projected"``,
+            ``"projected_explicit"``, ``"reconstruct"``) is refused, naming the new spelling.
         use_allocation: ``False`` ignores a stored allocation (uniform ranks for ``compression_ratio``).
         sink_tokens: also keep each row's first ``sink_tokens`` real prompt tokens at full
             precision (an extension, off by default as in the paper: the first token is an
@@ -57,8 +60,10 @@ class MatryoshkaKVCache(CompressedCache):
     method = "matryoshka"
 
     #: old option names and what replaces them (``make_cache``/``patch`` say so)
-    renamed_options = {old: "compression_ratio (the fraction removed: compression_ratio = 1 - budget)"
-                       for old in ("budget", "budgets")}
+    renamed_options = {
+        **{old: "compression_ratio (the fraction removed: compression_ratio = 1 - budget)" for old in ("budget", "budgets")},
+        "mode": renamed_option("mode", RENAMED_READ_MODES),
+    }
 
     def __init__(
         self,
@@ -68,12 +73,14 @@ class MatryoshkaKVCache(CompressedCache):
         compression_ratio: float | None = None,
         rank: int | None = None,
         ranks: Any = None,
-        mode: str = "projected",
+        read_mode: str = "latent",
         use_allocation: bool = True,
         sink_tokens: int = 0,
         **removed: Any,
     ) -> None:
         who = type(self).__name__
+        if "mode" in removed:
+            refuse_renamed_option(who, "mode", RENAMED_READ_MODES)
         refuse_removed(who, args, removed)
         refuse_mla(model, who)
         if not isinstance(projections, Projections):
@@ -81,14 +88,13 @@ class MatryoshkaKVCache(CompressedCache):
                 f"{who}: needs projections= (compresskv.calibrate(model, texts, tokenizer=tok), optionally "
                 f"trained with compresskv.train_projections); got {type(projections).__name__}."
             )
-        if mode not in MODES:
-            raise ValueError(f"{who}: mode must be one of {list(MODES)}, got {mode!r}.")
+        check_read_mode(who, read_mode, READ_MODES, RENAMED_READ_MODES)
         if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
             raise ValueError(f"{who}: sink_tokens must be an int >= 0, got {sink_tokens!r}.")
         self.sink_tokens = sink_tokens
         projections.check_model(model)
         rk, rv, source = projections.resolve_ranks(compression_ratio, rank, ranks, use_allocation, who)
-        self.projections, self.mode = projections, mode
+        self.projections, self.read_mode = projections, read_mode
         self.ranks_k, self.ranks_v, self.rank_source = rk, rv, source
         super().__init__(model)
 
@@ -139,7 +145,7 @@ class MatryoshkaKVCache(CompressedCache):
         projected = [isinstance(layer, ProjectedLayer) for layer in self.layers]
         return ProjectedStats(
             **self.stats_fields(),
-            mode=self.mode,
+            read_mode=self.read_mode,
             rank_source=self.rank_source,
             ranks_k=[list(layer.ranks_k) if p else None for layer, p in zip(self.layers, projected)],
             ranks_v=[list(layer.ranks_v) if p else None for layer, p in zip(self.layers, projected)],
@@ -191,7 +197,7 @@ class PCAKVCache(MatryoshkaKVCache):
             uniform ranks); ``budget=`` (fraction kept) is refused: ``compression_ratio=1 - budget``.
         rank: instead, one rank in [1, head_dim] for every head.
         ranks: instead, ``(ranks_k, ranks_v)``, each ``[layers][kv_heads]``.
-        mode: ``"projected"``, ``"projected_explicit"`` or ``"reconstruct"``.
+        read_mode: ``"latent"`` (default), ``"latent_explicit"`` or ``"model"`` (``mode=`` is refused).
         use_allocation: ``False`` ignores a stored allocation.
         sink_tokens: keep each row's first ``sink_tokens`` prompt tokens at full precision too.
     """
@@ -210,6 +216,8 @@ class PCAKVCache(MatryoshkaKVCache):
         **kwargs: Any,
     ) -> None:
         refuse_removed(type(self).__name__, args, {k: v for k, v in kwargs.items() if k in ("budget", "budgets")})
+        if "mode" in kwargs:  # before calibrating
+            refuse_renamed_option(type(self).__name__, "mode", RENAMED_READ_MODES)
         refuse_mla(model, type(self).__name__)  # before calibrating on it
         if projections is None:
             if texts is None:
