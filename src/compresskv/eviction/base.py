@@ -308,11 +308,12 @@ class SnapKVCache(_SnapScoring):
 
     Args:
         model: the transformers model the cache is for (its attention is switched to compresskv's).
-        budget: tokens kept per layer and KV head, window included; must exceed ``window_size``.
-        compression_ratio: instead of ``budget``, the fraction of prompt tokens evicted, in [0, 1).
-        window_size: recent prompt tokens whose queries score the rest, always kept.
         kernel_size: odd pooling width along tokens.
         pooling: ``"maxpool"`` or ``"avgpool"``.
+        **kwargs: :class:`EvictionCache`'s ``budget`` (tokens kept per layer and KV head, window
+            included; must exceed ``window_size``), ``compression_ratio`` (instead of ``budget``,
+            the fraction of prompt tokens evicted, in [0, 1)) and ``window_size`` (recent prompt
+            tokens whose queries score the rest, always kept; default 32).
     """
 
     method = "snapkv"

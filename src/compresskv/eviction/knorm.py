@@ -17,9 +17,10 @@ class KnormCache(EvictionCache):
 
     Args:
         model: the transformers model the cache is for (its attention is switched to compresskv's).
-        budget: tokens kept per layer and KV head (window included); must exceed ``window_size``.
-        compression_ratio: instead of ``budget``, the fraction of prompt tokens evicted, in [0, 1).
         window_size: most recent prompt tokens always kept (0, the paper's setting: none).
+        **kwargs: :class:`EvictionCache`'s ``budget`` (tokens kept per layer and KV head, window
+            included; must exceed ``window_size``) or ``compression_ratio`` (instead, the fraction
+            of prompt tokens evicted, in [0, 1)).
     """
 
     method = "knorm"

@@ -193,13 +193,13 @@ class PCAKVCache(MatryoshkaKVCache):
         tokenizer: needed when ``texts`` are strings.
         seq_len: calibration window length.
         max_windows: calibration windows used at most.
-        compression_ratio: fraction of the full cache removed, in [0, 1) (stored allocation or
-            uniform ranks); ``budget=`` (fraction kept) is refused: ``compression_ratio=1 - budget``.
-        rank: instead, one rank in [1, head_dim] for every head.
-        ranks: instead, ``(ranks_k, ranks_v)``, each ``[layers][kv_heads]``.
-        read_mode: ``"latent"`` (default), ``"latent_explicit"`` or ``"model"`` (``mode=`` is refused).
-        use_allocation: ``False`` ignores a stored allocation.
-        sink_tokens: keep each row's first ``sink_tokens`` prompt tokens at full precision too.
+        **kwargs: :class:`MatryoshkaKVCache`'s options: ``compression_ratio`` (fraction of the full
+            cache removed, in [0, 1): stored allocation or uniform ranks; ``budget=``, the fraction
+            kept, is refused: ``compression_ratio=1 - budget``), or instead ``rank`` (one rank in
+            [1, head_dim] for every head) or ``ranks`` (``(ranks_k, ranks_v)``, each
+            ``[layers][kv_heads]``); ``read_mode`` (``"latent"`` (default), ``"latent_explicit"``
+            or ``"model"``; ``mode=`` is refused); ``use_allocation`` (``False`` ignores a stored
+            allocation); ``sink_tokens`` (each row's first prompt tokens also kept at full precision).
     """
 
     method = "pca"
