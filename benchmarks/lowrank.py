@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import math
 import shlex
 import statistics
@@ -49,6 +48,7 @@ import compresskv
 from compresskv import compat
 from compresskv.eval import perplexity
 from compresskv.eval.machine import machine_info
+from compresskv.eval.results import floats, ints, write_result
 from compresskv.core.attention import install, uninstall
 from compresskv.eval.needle import make_needle_task
 from compresskv.eval.perplexity import make_perplexity_task, tokenize_text
@@ -57,14 +57,6 @@ from compresskv.projected import kept_fraction
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
 VARIANTS = ("pca-uniform", "pca-allocated", "trained-allocated")
 SINK = "+sink"
-
-
-def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -458,10 +450,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     result["run_seconds"] = time.perf_counter() - start
     result["tables"] = tables(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown, echo=True)
     return result
 
 

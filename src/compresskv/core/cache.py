@@ -374,23 +374,20 @@ class CompressedCache(Cache):
     # -- measurement -------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds, all layers and shared state included."""
-        total = sum(owner.storage_nbytes() for owner in self.shared())
-        for layer in self.layers:
-            if isinstance(layer, KVLayer):
-                total += layer.nbytes()
-            else:
-                total += tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
-        return total
+        return sum(owner.storage_nbytes() for owner in self.shared()) + self._per_layer(lambda layer: layer.nbytes())
 
     def uncompressed_nbytes(self) -> int:
         """Bytes a ``DynamicCache`` would hold for the same tokens in the same dtype."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, KVLayer):
-                total += layer.uncompressed_nbytes()
-            else:
-                total += tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
-        return total
+        return self._per_layer(lambda layer: layer.uncompressed_nbytes())
+
+    def _per_layer(self, of_kv_layer: Any) -> int:
+        """``of_kv_layer(layer)`` summed over the compresskv layers, plus the keys and values of
+        the layers left as transformers made them (uncompressed either way)."""
+        return sum(
+            of_kv_layer(layer) if isinstance(layer, KVLayer)
+            else tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
+            for layer in self.layers
+        )
 
     def stats(self) -> CacheStats:
         """Tokens seen, tokens stored per layer (``None`` for layers that hold none), bytes held
