@@ -40,3 +40,20 @@ def test_decode_speed_markdown_renders_from_the_committed_before_run():
         assert f"| {entry['method']} |" in text
     table = module.aggregate(result["rows"], result["config"]["methods"], result["config"]["rounds"])
     assert [e["method"] for e in table] == [e["method"] for e in result["table"]]
+
+
+def test_compare_bench_finds_identical_rows_and_a_changed_one(tmp_path):
+    """``benchmarks/compare_bench.py`` on the committed before/after rows of the redesign finds them
+    identical, and finds a row whose answer, bytes or perplexity changed."""
+    module = load_benchmark("compare_bench")
+    folder = ROOT / "benchmarks" / "results" / "redesign13"
+    before, after = module.load(folder / "bench_before.jsonl"), module.load(folder / "bench_after.jsonl")
+    result = module.compare(before, after)
+    assert result["compared"] == len(before) > 0 and result["differing"] == []
+    key = next(k for k, r in after.items() if r["task"] == "perplexity" and r["method"] != "full")
+    after[key] = {**after[key], "ppl": after[key]["ppl"] * (1 + 1e-6), "cache_bytes_prefill": 1}
+    changed = module.compare(before, after)
+    assert [d["key"] for d in changed["differing"]] == [key]
+    assert set(changed["differing"][0]["fields"]) == {"ppl", "cache_bytes_prefill"}
+    out = module.main([str(folder / "bench_before.jsonl"), str(folder / "bench_after.jsonl"), "--out", str(tmp_path / "c")])
+    assert "**0**" in (tmp_path / "c.md").read_text() and out["compared"] == result["compared"]
