@@ -404,3 +404,18 @@ def test_embedded_model_exact_at_full_size_and_patch_at_half():
     assert output_cache(half).stats().ratio == pytest.approx(0.5)
     assert output_cache(half).nbytes() == (task.length + 5) * 30 * 192 * 4  # c + 2·r·H_kv = 192 of 384
     compresskv.unpatch(original)
+
+
+def test_patched_block_reverts_the_conversion_it_made():
+    model = tiny_model("llama", "sdpa")
+    ids, mask = batch_inputs(2)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with compresskv.patched(model, "elitekv", cache_ratio=0.5, rope_pairs=2, calibration_texts=calibration_ids(),
+                            seq_len=32, progress=False):
+        assert elitekv.is_converted(model)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert not elitekv.is_converted(model)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    again = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(again, plain)

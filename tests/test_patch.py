@@ -109,3 +109,33 @@ def test_an_explicit_cache_is_used_as_is(model):
     cache = compresskv.SnapKVCache(model, budget=30, window_size=4)
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0, **kv(cache))
     assert cache.stats().tokens_seen == 48 + 2
+
+
+def test_patched_is_a_context_manager_that_gives_the_model_back_also_on_error(model):
+    ids, mask = batch_inputs(2, length=48)
+    plain = greedy(model, ids, mask, None)
+    explicit = greedy(model, ids, mask, compresskv.SnapKVCache(model, **EVICT))
+    compresskv.unpatch(model)
+    attention = model.config._attn_implementation
+    with compresskv.patched(model, "snapkv", **EVICT) as same:
+        assert same is model and compresskv.patching.patched_method(model) == "snapkv"
+        inside = greedy(model, ids, mask, None)
+    assert torch.equal(inside[1], explicit[1]) and not torch.equal(inside[1], plain[1])
+    assert compresskv.patching.patched_method(model) is None and "generate" not in model.__dict__
+    assert model.config._attn_implementation == attention
+    assert torch.equal(greedy(model, ids, mask, None)[1], plain[1])
+    with pytest.raises(RuntimeError, match="boom"):
+        with compresskv.patched(model, "pyramidkv", **EVICT):
+            raise RuntimeError("boom")
+    assert compresskv.patching.patched_method(model) is None and model.config._attn_implementation == attention
+    # an earlier patch comes back, with the generation_config value it had set aside
+    model.generation_config.cache_implementation = "static"
+    compresskv.patch(model, "pyramidkv", **EVICT)
+    with compresskv.patched(model, "snapkv", **EVICT):
+        assert compresskv.patching.patched_method(model) == "snapkv"
+    assert compresskv.patching.patched_method(model) == "pyramidkv"
+    compresskv.unpatch(model)
+    assert model.generation_config.cache_implementation == "static"
+    with pytest.raises(ValueError, match="unknown method"):
+        with compresskv.patched(model, "nosuch"):
+            pass

@@ -22,7 +22,7 @@ from .elitekv import EliteKVCache
 from .eviction import KnormCache, PyramidKVCache, SnapKVCache, StreamingLLMCache, pyramid_budgets
 from .projected import MatryoshkaKVCache, PCAKVCache, Projections, allocate_ranks, calibrate, train_projections
 from .models import DEFAULT_MODEL, load_model
-from .patching import available_methods, make_cache, method_options, patch, register_method, unpatch
+from .patching import available_methods, make_cache, method_options, patch, patched, register_method, unpatch
 
 for _name, _factory in {
     "pyramidkv": PyramidKVCache,
@@ -65,6 +65,7 @@ __all__ = [
     "make_cache",
     "method_options",
     "patch",
+    "patched",
     "pyramid_budgets",
     "register_method",
     "train_projections",

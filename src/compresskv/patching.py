@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -153,6 +154,38 @@ def unpatch(model: torch.nn.Module, keep_attention: bool = False) -> torch.nn.Mo
     if not keep_attention:
         _attention.uninstall(model)
     return model
+
+
+@contextlib.contextmanager
+def patched(model: torch.nn.Module, method: str, **options: Any) -> Iterator[torch.nn.Module]:
+    """:func:`patch` for the length of a ``with`` block; on leaving it, also on an error, the model
+    is as it was: its earlier patch (if any) back, its own attention implementation back if it had
+    it, and an EliteKV conversion made for the block reverted (``keep_original=True`` is the
+    default here, so the original weights are kept during the block).
+
+    Example:
+        >>> with compresskv.patched(model, "snapkv", compression_ratio=0.5):  # doctest: +SKIP
+        ...     model.generate(**inputs, max_new_tokens=32)
+    """
+    from .elitekv import is_converted, revert
+
+    before = model.__dict__.get("_compresskv_patch")
+    attention_before = getattr(model.config, "_attn_implementation", None)
+    converted_before = is_converted(model)
+    if not converted_before and "keep_original" in method_options(method):
+        options = {"keep_original": True, **options}  # a method that converts the model keeps what to restore
+    patch(model, method, **options)
+    try:
+        yield model
+    finally:
+        unpatch(model, keep_attention=True)
+        if is_converted(model) and not converted_before:
+            revert(model)
+        if before is not None:
+            patch(model, before.method, **before.options)
+            model._compresskv_patch.cache_implementation = before.cache_implementation
+        elif getattr(model.config, "_attn_implementation", None) != attention_before:
+            _attention.uninstall(model)
 
 
 def patched_method(model: torch.nn.Module) -> str | None:
