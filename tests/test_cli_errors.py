@@ -119,3 +119,15 @@ def test_demo_length_below_the_question_itself(monkeypatch, capsys):
     assert exit_status(["demo", "--length", "10", "--device", "cpu", "--threads", "1"]) == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("compresskv demo: error: argument --length: 10 is shorter than the needle question")
+
+
+def test_bench_without_out_writes_under_the_working_directory(tmp_path, monkeypatch):
+    """``compresskv bench`` without ``--out`` must not overwrite the package's published
+    ``benchmarks/results/bench.*``: its default is relative to where the user runs it."""
+    from compresskv.eval.bench import BenchConfig
+
+    args = cli.build_parser().parse_args(["bench"])
+    assert not args.out.is_absolute() and "benchmarks" not in args.out.parts
+    assert BenchConfig(methods=["snapkv"], ratios=[0.5], tasks=["niah_single"]).out == args.out
+    monkeypatch.chdir(tmp_path)
+    assert args.out.resolve().is_relative_to(tmp_path.resolve())

@@ -262,6 +262,8 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.results import DEFAULT_OUT
+
     parser = argparse.ArgumentParser(prog="compresskv", description="Compressed KV caches for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="answer a ~4k-token needle question with every method at a few ratios")
@@ -305,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file to hide needles in (default: RULER's noise sentences)")
     b.add_argument("--continuation", type=_count(1, "a number of tokens >= 1"), default=512,
                    help="perplexity: tokens scored after the prefix (default: 512)")
-    b.add_argument("--out", type=Path, default=Path("benchmarks/results/bench"), help="output stem (default: benchmarks/results/bench)")
+    b.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"output stem, relative to the working directory (default: {DEFAULT_OUT})")
     b.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     b.add_argument("--threads", type=_count(1, _THREADS), default=max(1, torch.get_num_threads()))
     b.set_defaults(func=bench, parser=b)

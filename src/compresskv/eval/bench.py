@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .results import DEFAULT_OUT
 from .methods import DEFAULT_SETTINGS, ratio_label
 
 FULL = "full"
@@ -46,7 +47,7 @@ class BenchConfig:
     tasks: list[str]
     length: int = 4096
     seeds: list[int] = field(default_factory=lambda: [0])
-    out: Path = Path("benchmarks/results/bench")
+    out: Path = DEFAULT_OUT
     model: str = "smollm2-135m-instruct"
     text: str | None = None
     haystack: str | None = None

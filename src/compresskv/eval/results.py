@@ -8,6 +8,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+#: where ``compresskv bench`` writes without ``--out``: the working directory, never the package's
+#: own published results (those are written with ``--out benchmarks/results/bench``).
+DEFAULT_OUT = Path("compresskv-results/bench")
+
 
 def floats(text: str) -> list[float]:
     """``"0.5,0.75"`` → ``[0.5, 0.75]`` (an argparse ``type=``)."""
