@@ -81,3 +81,27 @@ def test_benchmarks_page_shows_the_results(site):
         if first_row:
             first_cell = first_row.strip("| ").split(" | ")[0]
             assert first_cell in html, md.name
+
+
+def test_usage_examples_use_no_undefined_name():
+    """Every ``python`` block of the README and the docs' front page defines what it uses (a new
+    user pastes them as they are)."""
+    import ast
+    import builtins
+    import re
+
+    for path in (ROOT / "README.md", ROOT / "docs" / "index.md"):
+        for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S):
+            tree = ast.parse(block)
+            bound = set(dir(builtins))
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+                elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                    bound.add(node.id)
+                elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    bound.add(node.name)
+                elif isinstance(node, ast.arg):
+                    bound.add(node.arg)
+            used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+            assert not used - bound, (path.name, sorted(used - bound))
