@@ -131,3 +131,14 @@ def test_bench_without_out_writes_under_the_working_directory(tmp_path, monkeypa
     assert BenchConfig(methods=["snapkv"], ratios=[0.5], tasks=["niah_single"]).out == args.out
     monkeypatch.chdir(tmp_path)
     assert args.out.resolve().is_relative_to(tmp_path.resolve())
+
+
+def test_version_and_every_option_has_help(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"compresskv {compresskv.__version__}"
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, (name, action.option_strings)

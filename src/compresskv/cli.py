@@ -261,10 +261,31 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("compresskv")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+
+        return __version__
+
+
+def _device_and_threads(sub: argparse.ArgumentParser) -> None:
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    sub.add_argument("--device", type=_device, default=default,
+                     help=f"torch device to run on, e.g. cpu, cuda, cuda:1 (default here: {default})")
+    threads = max(1, torch.get_num_threads())
+    sub.add_argument("--threads", type=_count(1, _THREADS), default=threads,
+                     help=f"CPU threads torch may use (default here: {threads})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .eval.results import DEFAULT_OUT
 
     parser = argparse.ArgumentParser(prog="compresskv", description="Compressed KV caches for transformers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="answer a ~4k-token needle question with every method at a few ratios")
     d.add_argument("--model", type=_model, default=None, help="hub id or local path (default: embedded SmolLM2-135M-Instruct)")
@@ -273,12 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fractions of the cache removed, each in [0, 1) (default: 0.5,0.875)")
     d.add_argument("--length", type=_count(1, _LENGTH), default=4096, help="prompt length in tokens (default: 4096)")
     d.add_argument("--depth", type=_fraction, default=0.5, help="needle depth in [0, 1] (default: 0.5)")
-    d.add_argument("--seed", type=_count(-(2**63), "a whole number"), default=0)
+    d.add_argument("--seed", type=_count(-(2**63), "a whole number"), default=0,
+                   help="seed that draws the needle (the number asked for) (default: 0)")
     d.add_argument("--calibration", type=_text_source, default=None, help="text the calibrated methods (pca, "
                    "matryoshka, elitekv) calibrate on, as in `compresskv bench`: a file or hf:NAME; without it they "
                    "are skipped")
-    d.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    d.add_argument("--threads", type=_count(1, _THREADS), default=max(1, torch.get_num_threads()))
+    _device_and_threads(d)
     d.set_defaults(func=demo, parser=d)
     b = sub.add_parser(
         "bench",
@@ -309,8 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity: tokens scored after the prefix (default: 512)")
     b.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"output stem, relative to the working directory (default: {DEFAULT_OUT})")
-    b.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    b.add_argument("--threads", type=_count(1, _THREADS), default=max(1, torch.get_num_threads()))
+    _device_and_threads(b)
     b.set_defaults(func=bench, parser=b)
     return parser
 
