@@ -142,3 +142,19 @@ def test_version_and_every_option_has_help(capsys):
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, (name, action.option_strings)
+
+
+def test_version_and_help_load_no_torch():
+    """``compresskv --help``/``--version`` answer at once: nothing imports torch or transformers for
+    them (the package's names are imported on first use)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\n"
+            "from compresskv import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert cli.main(['--version']) == 0 and cli.main(['--help']) == 0\n"
+            "    assert cli.main(['bench', '--help']) == 0 and cli.main(['demo', '--help']) == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

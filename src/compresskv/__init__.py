@@ -15,29 +15,37 @@ or pass a cache yourself::
 
 from __future__ import annotations
 
-from . import elitekv
-from .core import CacheStats, CompressedCache, KVLayer
-from .crosslayer import MiniCache, SVDCache, XKVCache
-from .elitekv import EliteKVCache
-from .eviction import KnormCache, PyramidKVCache, SnapKVCache, StreamingLLMCache, pyramid_budgets
-from .projected import MatryoshkaKVCache, PCAKVCache, Projections, allocate_ranks, calibrate, train_projections
-from .models import DEFAULT_MODEL, load_model
-from .patching import available_methods, make_cache, method_options, patch, patched, register_method, unpatch
+from typing import TYPE_CHECKING
 
-for _name, _factory in {
-    "pyramidkv": PyramidKVCache,
-    "snapkv": SnapKVCache,
-    "knorm": KnormCache,
-    "streamingllm": StreamingLLMCache,
-    "matryoshka": MatryoshkaKVCache,
-    "pca": PCAKVCache,
-    "xkv": XKVCache,
-    "svd": SVDCache,
-    "minicache": MiniCache,
-    "elitekv": elitekv.make_cache,
-}.items():
-    register_method(_name, _factory)
-del _name, _factory
+from ._lazy import lazy_exports
+
+# Names are imported on first use (PEP 562), so ``import compresskv`` and ``compresskv --version``
+# do not load torch and transformers; ``compresskv.X`` and ``from compresskv import X`` work as usual.
+_EXPORTS = {
+    "CacheStats": "core", "CompressedCache": "core", "KVLayer": "core",
+    "MiniCache": "crosslayer", "SVDCache": "crosslayer", "XKVCache": "crosslayer",
+    "EliteKVCache": "elitekv",
+    "KnormCache": "eviction", "PyramidKVCache": "eviction", "SnapKVCache": "eviction",
+    "StreamingLLMCache": "eviction", "pyramid_budgets": "eviction",
+    "MatryoshkaKVCache": "projected", "PCAKVCache": "projected", "Projections": "projected",
+    "allocate_ranks": "projected", "calibrate": "projected", "train_projections": "projected",
+    "DEFAULT_MODEL": "models", "load_model": "models",
+    "available_methods": "patching", "make_cache": "patching", "method_options": "patching", "patch": "patching",
+    "patched": "patching", "register_method": "patching", "unpatch": "patching",
+}
+
+if TYPE_CHECKING:  # what static tools see
+    from . import elitekv
+    from .core import CacheStats, CompressedCache, KVLayer
+    from .crosslayer import MiniCache, SVDCache, XKVCache
+    from .elitekv import EliteKVCache
+    from .eviction import KnormCache, PyramidKVCache, SnapKVCache, StreamingLLMCache, pyramid_budgets
+    from .models import DEFAULT_MODEL, load_model
+    from .patching import available_methods, make_cache, method_options, patch, patched, register_method, unpatch
+    from .projected import MatryoshkaKVCache, PCAKVCache, Projections, allocate_ranks, calibrate, train_projections
+
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 __version__ = "0.1.0"
 

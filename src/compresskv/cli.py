@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 
 def _names(text: str) -> list[str]:
@@ -132,6 +131,8 @@ def _model(text: str) -> str:
 
 
 def _device(text: str) -> str:
+    import torch
+
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
@@ -215,6 +216,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def demo(args: argparse.Namespace) -> int:
     from . import available_methods, load_model
 
+    import torch
+
     torch.set_num_threads(args.threads)
     methods = args.methods or available_methods()
     model, tokenizer = load_model(args.model, device=args.device)
@@ -233,6 +236,8 @@ def bench(args: argparse.Namespace) -> int:
     from . import available_methods, load_model
     from .eval.bench import PERPLEXITY, BenchConfig, run_bench, table_markdown
     from .eval.tasks import available_tasks
+
+    import torch
 
     torch.set_num_threads(args.threads)
     methods = args.methods or available_methods()
@@ -273,12 +278,20 @@ def _version() -> str:
 
 
 def _device_and_threads(sub: argparse.ArgumentParser) -> None:
-    default = "cuda" if torch.cuda.is_available() else "cpu"
-    sub.add_argument("--device", type=_device, default=default,
-                     help=f"torch device to run on, e.g. cpu, cuda, cuda:1 (default here: {default})")
-    threads = max(1, torch.get_num_threads())
-    sub.add_argument("--threads", type=_count(1, _THREADS), default=threads,
-                     help=f"CPU threads torch may use (default here: {threads})")
+    # Defaults are resolved after parsing (_resolve_defaults), so --help and --version need no torch.
+    sub.add_argument("--device", type=_device, default=None,
+                     help="torch device to run on, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    sub.add_argument("--threads", type=_count(1, _THREADS), default=None,
+                     help="CPU threads torch may use (default: torch's own count, all cores)")
+
+
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    import torch
+
+    if getattr(args, "device", "unset") is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if getattr(args, "threads", "unset") is None:
+        args.threads = max(1, torch.get_num_threads())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv
+        _resolve_defaults(args)
         _check_options(args)
         return int(args.func(args))
     except SystemExit as exit_:  # argparse's usage errors (and --help): the status, as the other outcomes

@@ -20,16 +20,39 @@ CacheFactory = Callable[..., Any]
 _METHODS: dict[str, CacheFactory] = {}
 
 
+_builtins_loaded = False
+
+
+def _registry() -> dict[str, CacheFactory]:
+    """The method names and their factories, the built-in ones registered on first use (so that
+    ``import compresskv`` loads no method)."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        from . import elitekv
+        from .crosslayer import MiniCache, SVDCache, XKVCache
+        from .eviction import KnormCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
+        from .projected import MatryoshkaKVCache, PCAKVCache
+
+        builtins = {"pyramidkv": PyramidKVCache, "snapkv": SnapKVCache, "knorm": KnormCache,
+                    "streamingllm": StreamingLLMCache, "matryoshka": MatryoshkaKVCache, "pca": PCAKVCache,
+                    "xkv": XKVCache, "svd": SVDCache, "minicache": MiniCache, "elitekv": elitekv.make_cache}
+        for name, factory in builtins.items():
+            _METHODS.setdefault(name, factory)  # a method the user registered first keeps its factory
+    return _METHODS
+
+
 def register_method(name: str, factory: CacheFactory) -> None:
     """Make ``patch(model, name, **options)`` build caches with ``factory(model, **options)``."""
     if name != name.lower():
         raise ValueError(f"method names are lower-case, got {name!r}")
+    _registry()
     _METHODS[name] = factory
 
 
 def available_methods() -> list[str]:
     """The method names ``patch`` accepts."""
-    return sorted(_METHODS)
+    return sorted(_registry())
 
 
 def method_options(method: str) -> list[str]:
@@ -53,9 +76,10 @@ def factory_options(factory: Any) -> list[str]:
 
 
 def _factory(method: str) -> CacheFactory:
-    if not isinstance(method, str) or method not in _METHODS:
+    methods = _registry()
+    if not isinstance(method, str) or method not in methods:
         raise ValueError(f"compresskv: unknown method {method!r}; choose one of {available_methods()}.")
-    return _METHODS[method]
+    return methods[method]
 
 
 def make_cache(model: torch.nn.Module, method: str, **options: Any) -> Any:

@@ -2,13 +2,47 @@
 perplexity with the prefix in the cache, memory and speed, always against ``DynamicCache`` in
 the same run; and the ``compresskv bench`` driver that writes JSON lines, a table and a plot."""
 
-from .bench import BenchConfig, aggregate, plot, run_bench, table_markdown
-from .measure import PeakMemory, cache_nbytes, run_task
-from .machine import machine_info
-from .methods import MethodBuilder
-from .needle import NeedleTask, dynamic_cache_nbytes, make_needle_task, run_needle
-from .perplexity import PerplexityTask, load_text, make_perplexity_task, run_perplexity
-from .tasks import Task, available_tasks, make_task, score_all
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "BenchConfig": "bench",
+    "aggregate": "bench",
+    "plot": "bench",
+    "run_bench": "bench",
+    "table_markdown": "bench",
+    "PeakMemory": "measure",
+    "cache_nbytes": "measure",
+    "run_task": "measure",
+    "machine_info": "machine",
+    "MethodBuilder": "methods",
+    "NeedleTask": "needle",
+    "dynamic_cache_nbytes": "needle",
+    "make_needle_task": "needle",
+    "run_needle": "needle",
+    "PerplexityTask": "perplexity",
+    "load_text": "perplexity",
+    "make_perplexity_task": "perplexity",
+    "run_perplexity": "perplexity",
+    "Task": "tasks",
+    "available_tasks": "tasks",
+    "make_task": "tasks",
+    "score_all": "tasks",
+}
+
+if TYPE_CHECKING:  # what static tools see
+    from .bench import BenchConfig, aggregate, plot, run_bench, table_markdown
+    from .measure import PeakMemory, cache_nbytes, run_task
+    from .machine import machine_info
+    from .methods import MethodBuilder
+    from .needle import NeedleTask, dynamic_cache_nbytes, make_needle_task, run_needle
+    from .perplexity import PerplexityTask, load_text, make_perplexity_task, run_perplexity
+    from .tasks import Task, available_tasks, make_task, score_all
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 __all__ = [
     "BenchConfig",
