@@ -105,3 +105,17 @@ def test_usage_examples_use_no_undefined_name():
                     bound.add(node.arg)
             used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
             assert not used - bound, (path.name, sorted(used - bound))
+
+
+def test_docstrings_use_markdown_code_blocks_not_rest_literals():
+    """The API pages render docstrings as Markdown: a reST ``text::`` literal block would show as
+    plain text with a stray colon, so examples are fenced code blocks."""
+    import ast
+
+    found = []
+    for path in (ROOT / "src" / "compresskv").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=False) or ""
+                found += [f"{path.name}: {line.strip()}" for line in doc.splitlines() if line.rstrip().endswith("::")]
+    assert not found, found

@@ -242,8 +242,8 @@ def _has_flash_attn() -> bool:
 
 @pytest.mark.skipif(
     not _has_flash_attn(),
-    reason="flash-attn is not installed (it cannot be built on the lent GPU machine; pip install "
-    "'compresskv[flash]' where it can): the flash_attention_2 exactness tests need it",
+    reason="flash-attn is not installed (pip install "
+    "'compresskv[flash]' where it builds): the flash_attention_2 exactness tests need it",
 )
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("dtype", list(HALF))

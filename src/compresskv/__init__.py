@@ -1,14 +1,18 @@
 """compresskv: compressed KV caches for Hugging Face transformers, as a drop-in.
 
-Either patch a model so that ``generate()`` uses a compressed cache::
+Either patch a model so that ``generate()`` uses a compressed cache:
 
-    import compresskv
-    compresskv.patch(model, "pyramidkv", budget=256)
-    model.generate(**inputs)
+```python
+import compresskv
+compresskv.patch(model, "pyramidkv", budget=256)
+model.generate(**inputs)
+```
 
-or pass a cache yourself::
+or pass a cache yourself:
 
-    model.generate(**inputs, cache=compresskv.SnapKVCache(model, compression_ratio=0.5))
+```python
+model.generate(**inputs, cache=compresskv.SnapKVCache(model, compression_ratio=0.5))
+```
 
 (``past_key_values=`` instead of ``cache=`` on transformers < 5.24.)
 """

@@ -1,17 +1,21 @@
 """EliteKV (arXiv 2503.01586): RoPElite frequency selection, joint low-rank K/V (J-LRD), a real
 latent cache, uptraining.
 
-One call (ranks on your text, converts, and makes ``generate()`` use the latent cache)::
+One call (ranks on your text, converts, and makes ``generate()`` use the latent cache):
 
-    compresskv.patch(model, "elitekv", cache_ratio=0.25, calibration_texts=texts, tokenizer=tok)
+```python
+compresskv.patch(model, "elitekv", cache_ratio=0.25, calibration_texts=texts, tokenizer=tok)
+```
 
-or step by step::
+or step by step:
 
-    from compresskv import elitekv
-    ranking = elitekv.rank_frequencies(model, texts, tokenizer=tok)      # RoPElite (+ baselines)
-    elitekv.convert(model, rope_pairs=6, kv_dim=60, ranking=ranking)      # J-LRD, in place
-    elitekv.uptrain(model, texts, teacher=original, tokenizer=tok, steps=200)
-    model.save_pretrained("converted"); model = elitekv.load_converted("converted")
+```python
+from compresskv import elitekv
+ranking = elitekv.rank_frequencies(model, texts, tokenizer=tok)      # RoPElite (+ baselines)
+elitekv.convert(model, rope_pairs=6, kv_dim=60, ranking=ranking)      # J-LRD, in place
+elitekv.uptrain(model, texts, teacher=original, tokenizer=tok, steps=200)
+model.save_pretrained("converted"); model = elitekv.load_converted("converted")
+```
 
 A conversion changes the model's weights and class: ``compresskv.unpatch`` does not undo it (only
 :func:`revert` does, for a model converted with ``keep_original=True``).

@@ -87,11 +87,13 @@ class EliteKVCache(CompressedCache):
     """The cache of an EliteKV-converted model (see :mod:`compresskv.elitekv`).
 
     A converted model builds one by itself in ``generate()`` and in a forward with
-    ``use_cache=True``; pass one explicitly to reuse or inspect it::
+    ``use_cache=True``; pass one explicitly to reuse or inspect it:
 
-        cache = compresskv.EliteKVCache(model)
-        model.generate(**inputs, cache=cache)  # past_key_values=cache on transformers < 5.24
-        cache.nbytes()  # == batch · T · L · (kv_dim + 2·rope_pairs·H_kv) · element_size
+    ```python
+    cache = compresskv.EliteKVCache(model)
+    model.generate(**inputs, cache=cache)  # past_key_values=cache on transformers < 5.24
+    cache.nbytes()  # == batch · T · L · (kv_dim + 2·rope_pairs·H_kv) · element_size
+    ```
 
     ``model`` is the converted model (a ``...ForCausalLM`` or its base model).
     """

@@ -76,11 +76,13 @@ def _reset_peak_rss() -> bool:
 class PeakMemory:
     """Measures the peak memory a block of work adds (see the module's notes).
 
-    Use :meth:`start` once (the reference point) and :meth:`phase` around each phase::
+    Use :meth:`start` once (the reference point) and :meth:`phase` around each phase:
 
-        mem = PeakMemory(device).start()
-        with mem.phase() as prefill: ...
-        prefill.peak_bytes  # peak during the phase minus the memory at start()
+    ```python
+    mem = PeakMemory(device).start()
+    with mem.phase() as prefill: ...
+    prefill.peak_bytes  # peak during the phase minus the memory at start()
+    ```
     """
 
     device: torch.device | str = "cpu"
