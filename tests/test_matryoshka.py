@@ -8,6 +8,7 @@ import torch
 import compresskv
 from compresskv.projected.projections import Projections, kept_fraction
 from compresskv.projected.training import cayley
+from compresskv.projected import ProjectedLayer
 from conftest import VOCAB, batch_inputs, dynamic, greedy, tiny_model, kv
 
 MODES = ("latent", "model")
@@ -478,3 +479,22 @@ def test_embedded_model_full_rank_exact_and_half_budget_halves_the_cache():
     overhead = sum(layer.factors.nbytes() for layer in cache.layers) / stats.uncompressed_nbytes
     assert stats.ratio == pytest.approx(0.5 + overhead, abs=1e-6)
     compresskv.unpatch(model)
+
+
+def test_stats_split_the_per_model_overhead_from_the_per_token_bytes():
+    """A short prompt's projected cache can hold more bytes than DynamicCache because of the
+    per-model projection columns and means; stats() reports them apart (``fixed_nbytes``) and the
+    per-token ratio (``token_ratio``) is the compression itself (#18: reconstruct at ratio=1.9)."""
+    model, p = model_and_projections()
+    ids, mask = batch_inputs(1, length=8)
+    cache = compresskv.MatryoshkaKVCache(model, p, compression_ratio=0.5, read_mode="model")
+    greedy(model, ids, mask, cache, new_tokens=1)
+    stats = cache.stats()
+    factors = sum(layer.factors.nbytes() for layer in cache.layers if isinstance(layer, ProjectedLayer))
+    assert stats.fixed_nbytes == factors == cache.held_nbytes() > 0
+    assert stats.ratio > 1.0  # a few tokens: the projections dominate
+    assert stats.token_ratio == pytest.approx(0.5, abs=1e-6)
+    assert stats.as_dict()["token_ratio"] == stats.token_ratio
+    evict = compresskv.SnapKVCache(model, budget=6, window_size=2)
+    greedy(model, ids, mask, evict, new_tokens=1)
+    assert evict.stats().fixed_nbytes == 0 and evict.stats().token_ratio == evict.stats().ratio

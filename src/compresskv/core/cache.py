@@ -257,14 +257,24 @@ class CacheStats:
     tokens_stored: list[int | None] = field(default_factory=list)
     nbytes: int = 0
     uncompressed_nbytes: int = 0
+    #: the part of ``nbytes`` held once whatever the number of tokens (projection columns and
+    #: means, a RoPE table): a per-model overhead, large next to a short prompt's cache
+    fixed_nbytes: int = 0
 
     @property
     def ratio(self) -> float:
-        """Bytes held / bytes a ``DynamicCache`` would hold for the same tokens."""
+        """Bytes held (all of them, the fixed part included: what the memory holds) / bytes a
+        ``DynamicCache`` would hold for the same tokens. The bench's bytes column is this."""
         return self.nbytes / self.uncompressed_nbytes if self.uncompressed_nbytes else 1.0
 
+    @property
+    def token_ratio(self) -> float:
+        """Bytes held for the tokens (``nbytes - fixed_nbytes``) / a ``DynamicCache``'s: the
+        compression itself, what the ratio tends to on long prompts."""
+        return (self.nbytes - self.fixed_nbytes) / self.uncompressed_nbytes if self.uncompressed_nbytes else 1.0
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ratio": self.ratio}
+        return {**asdict(self), "ratio": self.ratio, "token_ratio": self.token_ratio}
 
 
 #: Model types with multi-head latent attention (also recognised by ``kv_lora_rank`` in the config).
@@ -373,8 +383,20 @@ class CompressedCache(Cache):
 
     # -- measurement -------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds, all layers and shared state included."""
-        return sum(owner.storage_nbytes() for owner in self.shared()) + self._per_layer(lambda layer: layer.nbytes())
+        """Bytes of every tensor the cache holds, all layers and shared state included, and the
+        fixed part (:meth:`held_nbytes`)."""
+        shared = sum(owner.storage_nbytes() for owner in self.shared())
+        return shared + self._per_layer(lambda layer: layer.nbytes()) + self.cache_held_nbytes()
+
+    def held_nbytes(self) -> int:
+        """The part of :meth:`nbytes` held once whatever the tokens (per-model projection columns
+        and means, a RoPE table): an overhead per cache, not per token."""
+        layers = sum(layer.held_nbytes() for layer in self.layers if isinstance(layer, KVLayer))
+        return layers + self.cache_held_nbytes()
+
+    def cache_held_nbytes(self) -> int:
+        """Fixed bytes the cache itself holds (beyond its layers'); none in the base."""
+        return 0
 
     def uncompressed_nbytes(self) -> int:
         """Bytes a ``DynamicCache`` would hold for the same tokens in the same dtype."""
@@ -410,4 +432,5 @@ class CompressedCache(Cache):
             "tokens_stored": stored,
             "nbytes": self.nbytes(),
             "uncompressed_nbytes": self.uncompressed_nbytes(),
+            "fixed_nbytes": self.held_nbytes(),
         }

@@ -391,13 +391,6 @@ class _GroupedCache(CompressedCache):
     def shared(self) -> list[Storage]:
         return [*self.groups, self.positions]
 
-    def held_nbytes(self) -> int:
-        """Bytes held once per cache that are not per row (a snapshotted RoPE table)."""
-        return 0
-
-    def nbytes(self) -> int:
-        return super().nbytes() + self.held_nbytes()
-
     def _bytes_by_kind(self) -> dict[str, int]:
         shared = sum(g.storage_nbytes() for g in self.groups)
         own = tails = valid = 0

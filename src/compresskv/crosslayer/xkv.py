@@ -439,8 +439,8 @@ class XKVCache(_GroupedCache):
             real = call.pad2d[:, -length:].to(torch.bool) if call.pad2d is not None else None
             self.positions.set(call.position_ids, real, bsz, length, layer.keys.device)
 
-    def held_nbytes(self) -> int:
-        return self.rope.nbytes() if self.rope is not None else 0
+    def cache_held_nbytes(self) -> int:
+        return self.rope.nbytes() if self.rope is not None else 0  # a snapshotted RoPE table
 
     def _bytes_by_kind(self) -> dict[str, int]:
         out = super()._bytes_by_kind()
