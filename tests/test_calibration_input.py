@@ -10,7 +10,7 @@ import torch
 
 import compresskv
 from compresskv import elitekv
-from compresskv.projected import projections as matryoshka
+from compresskv import projected as matryoshka
 from compresskv.calibration import calibration_windows
 from conftest import tiny_model
 from tiny_tokenizer import prose, tiny_tokenizer

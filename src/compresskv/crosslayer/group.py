@@ -18,8 +18,9 @@ import torch
 
 from ..core import attention as _attention
 from ..core.attention import AttentionCall
-from ..core.cache import CacheStats, CompressedCache, KVLayer
+from ..core.cache import CacheStats, CompressedCache, KVLayer, refuse_mla
 from ..core.facts import full_attention_layers, text_config
+from ..core.readmode import check_read_mode
 from ..core.storage import Storage, tensor_bytes
 from .factors import REMAINDERS, _is_int, plan_groups
 from .positions import PrefillPositions
@@ -299,10 +300,16 @@ class _GroupedCache(CompressedCache):
     #: be switched between forwards (e.g. on for warm-up steps only, off for timed ones).
     profile: bool = False
 
-    def _check_profile(self, profile: Any) -> bool:
+    def _check_reading(self, model: torch.nn.Module, read_mode: Any, allowed: Any, profile: Any) -> str:
+        """The checks every grouped cache starts with (MLA refused before any option is judged
+        against the wrong shapes; ``read_mode``, ``profile``); sets them and returns the owner's name."""
+        owner = type(self).__name__
+        refuse_mla(model, owner)
+        self.read_mode = check_read_mode(owner, read_mode, allowed)
         if not isinstance(profile, bool):
-            raise ValueError(f"{type(self).__name__}: profile must be True or False, got {profile!r}.")
-        return profile
+            raise ValueError(f"{owner}: profile must be True or False, got {profile!r}.")
+        self.profile = profile
+        return owner
 
     def _setup_groups(
         self, model: torch.nn.Module, start_layer: Any, end_layer: Any, group_size: int, remainder: str

@@ -16,9 +16,8 @@ from typing import Any
 import torch
 
 from ..core.attention import AttentionCall
-from ..core.cache import KVLayer, refuse_mla
+from ..core.cache import KVLayer
 from ..core.facts import full_attention_layers, text_config
-from ..core.readmode import check_read_mode
 from ..core.storage import tensor_bytes
 from .factors import REMAINDERS, _is_int, _is_number
 from .group import ReadCost, _Group, _GroupedCache, _PrefixLayer
@@ -212,10 +211,7 @@ class MiniCache(_GroupedCache):
         read_mode: str = "auto",
         profile: bool = False,
     ) -> None:
-        owner = type(self).__name__
-        refuse_mla(model, owner)
-        self.read_mode = check_read_mode(owner, read_mode, READ_MODES)
-        self.profile = self._check_profile(profile)
+        owner = self._check_reading(model, read_mode, READ_MODES, profile)
         if not (_is_number(t) and 0.0 <= t <= 1.0):
             raise ValueError(f"{owner}: t is the SLERP weight and must be in [0, 1], got {t!r}.")
         if not (_is_number(gamma) and 0.0 <= gamma <= 1.0):

@@ -26,9 +26,8 @@ from typing import Any
 import torch
 
 from ..core.attention import AttentionCall
-from ..core.cache import KVLayer, refuse_mla
+from ..core.cache import KVLayer
 from ..core.facts import model_dims, text_config
-from ..core.readmode import check_read_mode
 from ..core.rope import rotate_half
 from ..core.storage import tensor_bytes
 from ..kernels.xkv_decode import MAX_ROWS, PrefixRope, merge_with_tail, triton_usable, xkv_decode
@@ -338,10 +337,7 @@ class XKVCache(_GroupedCache):
         read_mode: str = "auto",
         profile: bool = False,
     ) -> None:
-        owner = type(self).__name__
-        refuse_mla(model, owner)  # before the options, which would be judged against the wrong shapes
-        self.read_mode = check_read_mode(owner, read_mode, READ_MODES)
-        self.profile = self._check_profile(profile)
+        owner = self._check_reading(model, read_mode, READ_MODES, profile)
         dims = model_dims(model)
         n_kv, head_dim = dims["kv_heads"], dims["head_dim"]
         if not _is_int(group_size) or group_size < 1:

@@ -279,22 +279,3 @@ def kept_fraction(ranks_k: torch.Tensor, ranks_v: torch.Tensor, head_dim: int, l
     idx = list(layers) if layers is not None else list(range(ranks_k.shape[0]))
     kept = ranks_k[idx].sum() + ranks_v[idx].sum()
     return float(kept) / (len(idx) * ranks_k.shape[1] * 2 * head_dim)
-
-
-def __getattr__(name: str) -> Any:
-    """``calibrate``, ``train_projections`` and ``allocate_ranks`` lived here before the split into
-    :mod:`.pca`, :mod:`.training` and :mod:`.allocation`; still reachable, imported on first use
-    (no import cycle)."""
-    if name == "calibrate":
-        from .pca import calibrate
-
-        return calibrate
-    if name == "train_projections":
-        from .training import train_projections
-
-        return train_projections
-    if name == "allocate_ranks":
-        from .allocation import allocate_ranks
-
-        return allocate_ranks
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
