@@ -33,7 +33,7 @@ _EXPORTS = {
     "StreamingLLMCache": "eviction", "pyramid_budgets": "eviction",
     "MatryoshkaKVCache": "projected", "PCAKVCache": "projected", "Projections": "projected",
     "allocate_ranks": "projected", "calibrate": "projected", "train_projections": "projected",
-    "DEFAULT_MODEL": "models", "load_model": "models",
+    "DEFAULT_MODEL": "models", "load_model": "models", "sample_text": "data",
     "available_methods": "patching", "make_cache": "patching", "method_options": "patching", "patch": "patching",
     "patched": "patching", "register_method": "patching", "unpatch": "patching",
 }
@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # what static tools see
     from .crosslayer import MiniCache, SVDCache, XKVCache
     from .elitekv import EliteKVCache
     from .eviction import KnormCache, PyramidKVCache, SnapKVCache, StreamingLLMCache, pyramid_budgets
+    from .data import sample_text
     from .models import DEFAULT_MODEL, load_model
     from .patching import available_methods, make_cache, method_options, patch, patched, register_method, unpatch
     from .projected import MatryoshkaKVCache, PCAKVCache, Projections, allocate_ranks, calibrate, train_projections
@@ -80,6 +81,7 @@ __all__ = [
     "patched",
     "pyramid_budgets",
     "register_method",
+    "sample_text",
     "train_projections",
     "unpatch",
 ]
