@@ -84,13 +84,13 @@ def test_benchmarks_page_shows_the_results(site):
 
 
 def test_usage_examples_use_no_undefined_name():
-    """Every ``python`` block of the README and the docs' front page defines what it uses (a new
-    user pastes them as they are)."""
+    """Every ``python`` block of the README, the docs' front page and the PyPI description
+    (docs/pypi.md) defines what it uses (a new user pastes them as they are)."""
     import ast
     import builtins
     import re
 
-    for path in (ROOT / "README.md", ROOT / "docs" / "index.md"):
+    for path in (ROOT / "README.md", ROOT / "docs" / "index.md", ROOT / "docs" / "pypi.md"):
         for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S):
             tree = ast.parse(block)
             bound = set(dir(builtins))
