@@ -35,6 +35,7 @@ _EXPORTS = {
     "allocate_ranks": "projected", "calibrate": "projected", "train_projections": "projected",
     "DEFAULT_MODEL": "models", "load_model": "models", "sample_text": "data",
     "available_methods": "patching", "make_cache": "patching", "method_options": "patching", "patch": "patching",
+    "last_cache": "patching", "last_stats": "patching",
     "patched": "patching", "register_method": "patching", "unpatch": "patching",
 }
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # what static tools see
     from .data import sample_text
     from .models import DEFAULT_MODEL, load_model
     from .patching import available_methods, make_cache, method_options, patch, patched, register_method, unpatch
+    from .patching import last_cache, last_stats
     from .projected import MatryoshkaKVCache, PCAKVCache, Projections, allocate_ranks, calibrate, train_projections
 
 
@@ -74,6 +76,8 @@ __all__ = [
     "available_methods",
     "calibrate",
     "elitekv",
+    "last_cache",
+    "last_stats",
     "load_model",
     "make_cache",
     "method_options",

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
 from .core import attention as _attention
 from . import compat
+
+if TYPE_CHECKING:
+    from .core.cache import CacheStats
 
 CacheFactory = Callable[..., Any]
 
@@ -106,6 +110,14 @@ class _PatchState:
     method: str
     options: dict[str, Any]
     cache_implementation: Any = None  # the model's generation_config value, restored by unpatch
+    # The cache the latest generate() built (see last_cache): one reference, replaced by the next
+    # generate() and dropped by unpatch, so at most one cache is kept alive after generate returns.
+    last_cache: Any = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_PatchState":
+        """A copy of the model is patched the same way but starts with no latest cache (its
+        ``generate`` builds its own; copying the held one would double its memory)."""
+        return _PatchState(self.method, copy.deepcopy(self.options, memo), self.cache_implementation)
 
 
 def _generate_setting(self: Any, kwargs: dict[str, Any], name: str) -> Any:
@@ -122,6 +134,7 @@ def _patched_generate(self: Any, *args: Any, **kwargs: Any) -> Any:
     its own, asks for none (``use_cache=False``) or names a transformers ``cache_implementation``.
     Bound to the model as a method, so ``copy.deepcopy`` rebinds it to the copy."""
     state: _PatchState = self.__dict__["_compresskv_patch"]
+    state.last_cache = None  # release the previous call's cache before this call allocates
     original = functools.partial(type(self).generate, self)
     if compat.get_cache(kwargs) is not None or _generate_setting(self, kwargs, "use_cache") is False:
         return original(*args, **kwargs)
@@ -133,7 +146,8 @@ def _patched_generate(self: Any, *args: Any, **kwargs: Any) -> Any:
             stacklevel=2,
         )
         return original(*args, **kwargs)
-    compat.set_cache(kwargs, make_cache(self, state.method, **state.options))
+    state.last_cache = make_cache(self, state.method, **state.options)
+    compat.set_cache(kwargs, state.last_cache)
     try:
         return original(*args, **kwargs)
     except BaseException:
@@ -149,8 +163,9 @@ def patch(model: torch.nn.Module, method: str, **options: Any) -> torch.nn.Modul
     explicitly is used as is, ``use_cache=False`` uses none, and a call that names a
     ``cache_implementation`` gets transformers' cache (with a warning). A ``cache_implementation``
     in the model's own ``generation_config`` is set aside while patched. The options are checked
-    now (a cache is built once), so a bad budget fails here rather than at generation time. Call
-    :func:`unpatch` to restore the model. Returns ``model``.
+    now (a cache is built once), so a bad budget fails here rather than at generation time. The
+    cache the latest call built stays readable through :func:`last_cache` / :func:`last_stats`
+    (also after a ``pipeline(...)`` call). Call :func:`unpatch` to restore the model. Returns ``model``.
 
     Example:
         >>> compresskv.patch(model, "pyramidkv", budget=256)  # doctest: +SKIP
@@ -170,9 +185,12 @@ def patch(model: torch.nn.Module, method: str, **options: Any) -> torch.nn.Modul
 
 def unpatch(model: torch.nn.Module, keep_attention: bool = False) -> torch.nn.Module:
     """Undo :func:`patch` (and the attention switch any compresskv cache made): ``generate`` and
-    the attention implementation are the model's own again. Returns ``model``."""
+    the attention implementation are the model's own again, and the cache :func:`last_cache`
+    held is dropped. Returns ``model``."""
     model.__dict__.pop("generate", None)
     state = model.__dict__.pop("_compresskv_patch", None)
+    if state is not None:
+        state.last_cache = None
     if state is not None and state.cache_implementation is not None:
         model.generation_config.cache_implementation = state.cache_implementation
     if not keep_attention:
@@ -210,6 +228,44 @@ def patched(model: torch.nn.Module, method: str, **options: Any) -> Iterator[tor
             model._compresskv_patch.cache_implementation = before.cache_implementation
         elif getattr(model.config, "_attn_implementation", None) != attention_before:
             _attention.uninstall(model)
+
+
+def last_cache(model: torch.nn.Module) -> Any:
+    """The cache the latest ``generate()`` of the patched ``model`` built, or ``None``.
+
+    ``None`` when ``model`` is not patched, has not generated since it was patched, or its latest
+    call used no cache of the patch (it brought its own cache, set ``use_cache=False`` or named a
+    ``cache_implementation``). Only the latest cache is kept: it stays alive (with its memory)
+    until the next ``generate()`` on the model, which releases it first, or :func:`unpatch`, which
+    drops it. A pipeline called on several texts runs ``generate()`` once per batch, so this is
+    the last batch's cache.
+
+    Example:
+        ```python
+        compresskv.patch(model, "snapkv", compression_ratio=0.5)
+        pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+        pipe("A long document ...", max_new_tokens=32)
+        cache = compresskv.last_cache(model)   # the SnapKVCache that generate() used
+        ```
+    """
+    state = model.__dict__.get("_compresskv_patch")
+    return state.last_cache if state is not None else None
+
+
+def last_stats(model: torch.nn.Module) -> CacheStats | None:
+    """``stats()`` of :func:`last_cache` (tokens seen, tokens stored per layer, bytes, ratios),
+    or ``None`` when there is no latest cache or it has no ``stats()`` (a registered factory's
+    own cache type). Measured now, from the tensors the cache holds after ``generate()`` returned.
+
+    Example:
+        ```python
+        compresskv.patch(model, "pyramidkv", budget=256)
+        pipe("A long document ...", max_new_tokens=32)
+        print(compresskv.last_stats(model).tokens_stored)
+        ```
+    """
+    stats = getattr(last_cache(model), "stats", None)
+    return stats() if callable(stats) else None
 
 
 def patched_method(model: torch.nn.Module) -> str | None:
