@@ -1,6 +1,8 @@
 """Evaluation: long-context tasks generated locally (in the spirit of RULER), long-text
 perplexity with the prefix in the cache, memory and speed, always against ``DynamicCache`` in
-the same run; and the ``compresskv bench`` driver that writes JSON lines, a table and a plot."""
+the same run; the ``compresskv bench`` driver that writes JSON lines, a table and a plot; and
+scoring continuations against a compressed context (:func:`score_continuation`, for lm-eval's
+``loglikelihood`` requests)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ _EXPORTS = {
     "cache_nbytes": "measure",
     "run_task": "measure",
     "machine_info": "machine",
+    "score_continuation": "loglikelihood",
+    "score_continuations": "loglikelihood",
     "MethodBuilder": "methods",
     "NeedleTask": "needle",
     "dynamic_cache_nbytes": "needle",
@@ -37,6 +41,7 @@ if TYPE_CHECKING:  # what static tools see
     from .bench import BenchConfig, aggregate, plot, run_bench, table_markdown
     from .measure import PeakMemory, cache_nbytes, run_task
     from .machine import machine_info
+    from .loglikelihood import score_continuation, score_continuations
     from .methods import MethodBuilder
     from .needle import NeedleTask, dynamic_cache_nbytes, make_needle_task, run_needle
     from .perplexity import PerplexityTask, load_text, make_perplexity_task, run_perplexity
@@ -66,5 +71,7 @@ __all__ = [
     "run_perplexity",
     "run_task",
     "score_all",
+    "score_continuation",
+    "score_continuations",
     "table_markdown",
 ]
