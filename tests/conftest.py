@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Idle OpenMP threads sleep rather than spin (as the compresskv command sets it; see
+# benchmarks/threads.py): on a shared 2-core CI machine spinning threads stall each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,

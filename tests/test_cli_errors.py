@@ -158,3 +158,24 @@ def test_version_and_help_load_no_torch():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_makes_idle_openmp_threads_sleep_before_torch_starts(given, expected):
+    """Spinning OpenMP threads stall each other beside any busy process (benchmarks/threads.py):
+    the command sets OMP_WAIT_POLICY=PASSIVE before torch (and its OpenMP runtime) is imported,
+    and keeps a policy the user chose."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os, sys, contextlib, io\n"
+            "from compresskv import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    cli.main(['--version'])\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == [expected, "False"]

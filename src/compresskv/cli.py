@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -282,7 +283,8 @@ def _device_and_threads(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--device", type=_device, default=None,
                      help="torch device to run on, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     sub.add_argument("--threads", type=_count(1, _THREADS), default=None,
-                     help="CPU threads torch may use (default: torch's own count, all cores)")
+                     help="CPU threads torch may use (default: torch's own count, all cores; idle threads sleep, "
+                     "OMP_WAIT_POLICY=PASSIVE, so a busy machine does not stall them)")
 
 
 def _resolve_defaults(args: argparse.Namespace) -> None:
@@ -364,9 +366,23 @@ def _check_needle_length(args: argparse.Namespace, tokenizer: Any) -> None:
                           f"({shortest} tokens with this model's tokenizer); give a length >= {shortest}, e.g. 4096")
 
 
+def _openmp_waits_passively() -> None:
+    """Make idle OpenMP threads sleep instead of spinning, unless the user chose a policy.
+
+    torch's CPU kernels and MKL's SVDs run on OpenMP threads that spin between parallel regions
+    by default; beside any other busy process a spinning thread takes the time slice its partner
+    needs, and every barrier stalls: with 2 threads on 2 cores we measured SVDs 5-30x and prefill
+    5-12x slower than with 1 thread, and PASSIVE 0.5-0.8x the 1-thread time
+    (benchmarks/results/threads.md). OpenMP reads the policy once, when torch is first imported,
+    which in this command happens after this call.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``compresskv ARGS`` and return its exit status: 2, with a one-line message on stderr,
     for a bad option (checked before any model is loaded)."""
+    _openmp_waits_passively()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
