@@ -186,6 +186,82 @@ def test_aggregate_pairs_each_row_with_its_full_cache_run():
     assert "| m | 0.5 |" in md and "–" in md  # a missing measurement is shown as a dash
 
 
+# -- the plot (compresskv.eval.plots) ---------------------------------------------------------------
+def _entry(method, ratio, scores, bytes_vs_full, decode, ppl):
+    return {"method": method, "ratio": ratio, "scores": scores, "avg": sum(scores.values()) / len(scores),
+            "ppl": ppl, "bytes_vs_full": bytes_vs_full, "decode_vs_full": decode}
+
+
+@pytest.fixture
+def plotted():
+    """A figure of a small aggregate table: two methods with equal scores at every ratio (all 100
+    on task a, 0 on task b) and one run at its default settings that saved 22% of the bytes."""
+    import matplotlib.pyplot as plt
+
+    from compresskv.eval import plots
+    from compresskv.eval.methods import DEFAULT_SETTINGS
+
+    table = [_entry(FULL, 0.0, {"a": 100.0, "b": 50.0}, 1.0, 1.0, 10.0)]
+    for method in ("snapkv", "knorm"):
+        table += [_entry(method, r, {"a": 100.0, "b": 0.0}, 1 - r, 1 + r, 11.0) for r in (0.5, 0.75)]
+    table.append(_entry("minicache", DEFAULT_SETTINGS, {"a": 0.0, "b": 0.0}, 0.78, 1.6, 20.0))
+    fig = plots.figure(table, ["a", "b", "perplexity"], title="t")
+    yield fig, [ax for ax in fig.axes if ax.axison]
+    plt.close(fig)
+
+
+def _line(ax, method):
+    return next(line for line in ax.get_lines() if line.get_label() == method)
+
+
+def test_plot_has_ratio_bytes_saved_and_decode_speed_views(plotted):
+    fig, axes = plotted
+    assert [ax.get_title() for ax in axes] == [
+        "a", "b", "average", "perplexity (lower is better)", "average score by bytes saved",
+        "decode speed (higher is faster)"]
+    assert all("ratio asked" in ax.get_xlabel() for ax in axes[:4])
+    assert all("bytes saved" in ax.get_xlabel() for ax in axes[4:])
+    by_bytes, speed = axes[4], axes[5]
+    # Measured positions are not moved: x is 1 - bytes_vs_full, y the decode speed vs full.
+    assert list(_line(by_bytes, "minicache").get_xdata()) == pytest.approx([0.22])
+    assert list(_line(speed, "snapkv").get_xdata()) == pytest.approx([0.5, 0.75])
+    assert list(_line(speed, "snapkv").get_ydata()) == pytest.approx([1.5, 1.75])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["snapkv", "knorm", "minicache", "full cache (DynamicCache)"]
+
+
+def test_plot_keeps_equal_scores_at_one_ratio_apart(plotted):
+    _, axes = plotted
+    for ax in axes[:2]:  # task a: both at 100; task b: both at 0
+        snap, knorm = _line(ax, "snapkv"), _line(ax, "knorm")
+        assert list(snap.get_ydata()) == list(knorm.get_ydata())
+        assert snap.get_marker() != knorm.get_marker()
+        for xs, xk, asked in zip(snap.get_xdata(), knorm.get_xdata(), (0.5, 0.75)):
+            assert xs != xk and (xs + xk) / 2 == pytest.approx(asked)  # spread around the ratio
+            assert abs(xs - xk) < 0.25 / 2  # and still closer to it than to the next ratio
+
+
+def test_plot_labels_the_default_settings_point(plotted):
+    _, axes = plotted
+    for ax in axes:
+        notes = [t for t in ax.texts if "minicache" in t.get_text()]
+        assert len(notes) == 1, ax.get_title()
+        assert "default settings" in notes[0].get_text() and "22%" in notes[0].get_text()
+        assert notes[0].xy[0] == pytest.approx(0.22)
+
+
+def test_plot_panels_for_one_task_or_perplexity_alone_and_the_old_names(tmp_path):
+    from compresskv.eval import plots
+
+    assert [p.title for p in plots.panels(["vt"])] == ["vt", "vt by bytes saved", "decode speed (higher is faster)"]
+    assert [p.title for p in plots.panels(["perplexity"])][1] == "perplexity by bytes saved"
+    assert compresskv.eval.plot is plots.plot and bench_mod.plot is plots.plot
+    assert bench_mod.plot_ratio is plots.plot_ratio
+    table = [_entry(FULL, 0.0, {"vt": 100.0}, 1.0, 1.0, None), _entry("snapkv", 0.5, {"vt": 50.0}, 0.5, 2.0, None)]
+    png = compresskv.eval.plot(table, ["vt"], tmp_path / "p" / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_bench(model, tok, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(compresskv, "load_model", lambda *a, **k: (model, tok))
     out = tmp_path / "cli" / "bench"

@@ -13,7 +13,7 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     "BenchConfig": "bench",
     "aggregate": "bench",
-    "plot": "bench",
+    "plot": "plots",
     "run_bench": "bench",
     "table_markdown": "bench",
     "PeakMemory": "measure",
@@ -38,13 +38,14 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # what static tools see
-    from .bench import BenchConfig, aggregate, plot, run_bench, table_markdown
+    from .bench import BenchConfig, aggregate, run_bench, table_markdown
     from .measure import PeakMemory, cache_nbytes, run_task
     from .machine import machine_info
     from .loglikelihood import score_continuation, score_continuations
     from .methods import MethodBuilder
     from .needle import NeedleTask, dynamic_cache_nbytes, make_needle_task, run_needle
     from .perplexity import PerplexityTask, load_text, make_perplexity_task, run_perplexity
+    from .plots import plot
     from .tasks import Task, available_tasks, make_task, score_all
 
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -29,10 +29,10 @@ import torch
 
 from .results import DEFAULT_OUT
 from .methods import DEFAULT_SETTINGS, ratio_label
+from .plots import plot, plot_ratio  # noqa: F401 - the figure lives in plots.py; kept importable from here
 
 FULL = "full"
 PERPLEXITY = "perplexity"
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 @dataclass
@@ -317,14 +317,6 @@ def _ratio_cell(entry: dict[str, Any]) -> str:
     return ratio_label(entry["ratio"])
 
 
-def plot_ratio(entry: dict[str, Any]) -> float | None:
-    """Where an entry sits on the plot's x axis: its asked ratio, or for a method run at its
-    default settings the fraction of the cache it measurably removed."""
-    if entry["ratio"] == DEFAULT_SETTINGS:
-        return None if entry.get("bytes_vs_full") is None else 1.0 - entry["bytes_vs_full"]
-    return entry["ratio"]
-
-
 def table_markdown(table: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     """The Markdown table of :func:`aggregate`'s entries (scores 0-100, higher is better;
     perplexity lower is better; every "vs full" is a ratio to the DynamicCache rows)."""
@@ -413,63 +405,3 @@ def markdown(rows: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], co
     if config.command:
         lines += [f"Reproduce: `{config.command}` (rerunning skips finished rows of `{stem}.jsonl`).", ""]
     return "\n".join(lines)
-
-
-# -- the plot ------------------------------------------------------------------------------------
-def plot(table: Sequence[dict[str, Any]], tasks: Sequence[str], path: Path, title: str = "") -> Path:
-    """Score vs compression ratio, one line per method, the full cache as a dashed reference
-    line; one panel per task (plus the average, plus perplexity when measured). Needs matplotlib."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    score_tasks = [t for t in tasks if t != PERPLEXITY]
-    panels: list[tuple[str, Callable[[dict[str, Any]], float | None], str]] = [
-        (t, (lambda e, t=t: e["scores"].get(t)), "score (0-100)") for t in score_tasks
-    ]
-    if len(score_tasks) > 1:
-        panels.append(("average", lambda e: e["avg"], "score (0-100)"))
-    if PERPLEXITY in tasks:
-        panels.append(("perplexity (lower is better)", lambda e: e.get("ppl"), "perplexity"))
-    n = len(panels)
-    cols = min(n, 3)
-    rows_n = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.6 * rows_n), squeeze=False)
-    full = next((e for e in table if e["method"] == FULL), None)
-    methods = list(dict.fromkeys(e["method"] for e in table if e["method"] != FULL))
-    ratios = sorted({e["ratio"] for e in table if e["method"] != FULL and e["ratio"] != DEFAULT_SETTINGS})
-    for ax, (name, get, ylabel) in zip(axes.flat, panels):
-        for i, method in enumerate(methods):
-            pts = [(plot_ratio(e), get(e)) for e in table
-                   if e["method"] == method and get(e) is not None and plot_ratio(e) is not None]
-            if pts:
-                xs, ys = zip(*sorted(pts))
-                # Distinct markers, and earlier lines drawn wider, so that methods with equal
-                # scores (common: 100 or 0) stay visible on top of each other.
-                ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], label=method, color=f"C{i}",
-                        linewidth=1.2 + 1.6 * (len(methods) - 1 - i) / max(1, len(methods) - 1),
-                        markersize=5 + 4 * (len(methods) - 1 - i) / max(1, len(methods) - 1), alpha=0.85)
-        if full is not None and get(full) is not None:
-            ax.axhline(get(full), color="black", linestyle="--", linewidth=1, label="full cache")
-        ax.set_title(name)
-        ax.set_xlabel("compression ratio (fraction removed)")
-        ax.set_ylabel(ylabel)
-        if ratios:
-            ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
-        if ylabel.startswith("score"):
-            ax.set_ylim(-5, 105)
-        else:  # perplexities span orders of magnitude across methods
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
