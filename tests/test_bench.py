@@ -289,39 +289,3 @@ def test_bench_on_the_embedded_model(tmp_path):
     assert full["scores"]["niah_single"] == 100.0
     assert snap["bytes_vs_full"] == pytest.approx(0.5, abs=0.02)
     assert all(p.exists() for p in result["paths"])
-
-
-# -- compresskv demo (the README's main job) -------------------------------------------------------
-def test_demo_runs_every_registered_method_it_can_build(tok, budget_only):
-    """Every registered method gets a row: at each ratio when it takes one, once at its defaults
-    when it does not (minicache); the calibrated ones are skipped (with a note) without a text."""
-    from compresskv.eval.methods import CALIBRATED, DEFAULT_SETTINGS
-
-    model = tiny_model("llama", vocab_size=len(tok), layers=4)  # MiniCache's default range needs a layer pair
-    methods = [m for m in compresskv.available_methods() if m != "broken"]
-    rows = cli.demo_rows(model, tok, methods, [0.5, 0.875], length=LENGTH, depth=0.5, seed=0)
-    got = {(r["method"], r["ratio"]) for r in rows}
-    assert rows[0]["method"] == "dynamic" and rows[0]["bytes_ratio"] == 1.0
-    for method in methods:
-        if method in CALIBRATED:
-            assert not any(m == method for m, _ in got)
-        elif method in ("minicache", "budgetonly"):
-            assert got >= {(method, DEFAULT_SETTINGS)}
-        else:
-            assert got >= {(method, 0.5), (method, 0.875)}
-            ratios = {r["ratio"]: r["bytes_ratio"] for r in rows if r["method"] == method}
-            assert ratios[0.875] < ratios[0.5] < 1.0
-    table = cli.format_table(rows)
-    assert "default" in table and len(table.splitlines()) == len(rows) + 2
-    assert not model.config._attn_implementation.startswith("compresskv_")  # the model is given back as loaded
-
-
-@pytest.mark.slow
-def test_demo_command_on_the_embedded_model(capsys):
-    """The README's first command, on a short prompt: every method without calibration runs."""
-    assert cli.main(["demo", "--length", "600", "--ratios", "0.5", "--threads", "1"]) == 0
-    out = capsys.readouterr().out
-    for method in compresskv.available_methods():
-        if method not in ("pca", "matryoshka", "elitekv"):
-            assert f"\n{method} " in out, method
-    assert "full-cache answer" in out

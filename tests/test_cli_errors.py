@@ -52,9 +52,7 @@ BAD = [
     (["--model", "./no/such/model"], ["--model", "no such model directory"]),
 ]
 DEMO_ONLY = [
-    (["--depth", "1.5"], ["--depth", "[0, 1]"]),
-    (["--depth", "-0.1"], ["--depth", "[0, 1]"]),
-    (["--seed", "x"], ["--seed", "not a whole number"]),
+    (["--seeds", "0,x"], ["--seeds", "'x' is not a whole number"]),
 ]
 BENCH_ONLY = [
     (["--tasks", "niah_single,nosuch"], ["--tasks", "nosuch", "niah_multikey", "perplexity"]),
@@ -93,7 +91,7 @@ def test_a_directory_is_not_a_text_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [
     ["demo"],
-    ["demo", "--ratios", "0,0.5,0.999", "--length", "100", "--depth", "1", "--threads", "1", "--methods", "snapkv"],
+    ["demo", "--ratios", "0,0.5,0.999", "--length", "100", "--seeds", "3", "--threads", "1", "--methods", "snapkv"],
     ["bench", "--ratios", "0.5", "--tasks", "niah_single,vt", "--seeds", "0,1", "--continuation", "8", "--length", "64"],
 ])
 def test_good_options_reach_the_model(argv, tmp_path):
@@ -118,7 +116,7 @@ def test_demo_length_below_the_question_itself(monkeypatch, capsys):
     monkeypatch.setattr(compresskv, "load_model", lambda *a, **k: (None, tiny_tokenizer()))
     assert exit_status(["demo", "--length", "10", "--device", "cpu", "--threads", "1"]) == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("compresskv demo: error: argument --length: 10 is shorter than the needle question")
+    assert message.startswith("compresskv demo: error: argument --length: 10 is too short for the needle question")
 
 
 def test_bench_without_out_writes_under_the_working_directory(tmp_path, monkeypatch):

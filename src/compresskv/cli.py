@@ -87,7 +87,9 @@ def _known(text: str, known: list[str], what: str) -> list[str]:
 def _methods(text: str) -> list[str]:
     from . import available_methods
 
-    return _known(text, available_methods(), "method")
+    if text.strip() == "all":
+        return available_methods()
+    return _known(text, available_methods() + ["all"], "method")
 
 
 def _all_tasks() -> list[str]:
@@ -152,83 +154,31 @@ _LENGTH = "a prompt length in tokens >= 1, e.g. 4096"
 _THREADS = "a number of CPU threads >= 1"
 
 
-def demo_rows(
-    model: Any, tokenizer: Any, methods: Sequence[str], ratios: Sequence[float], length: int, depth: float, seed: int,
-    calibration: str | None = None,
-) -> list[dict[str, Any]]:
-    """Answer one needle question with DynamicCache, then with every method at every ratio (a
-    method without a ratio option once, at its defaults). Methods are built as ``compresskv
-    bench`` builds them (:class:`compresskv.eval.methods.MethodBuilder`): the calibrated ones
-    only with a ``calibration`` text."""
-    from tqdm.auto import tqdm
-
-    from .eval.bench import usable_methods
-    from .eval.methods import MethodBuilder
-    from .eval.needle import make_needle_task, run_needle
-
-    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    task = make_needle_task(tokenizer, length=length, depth=depth, seed=seed)
-    builder = MethodBuilder(model, tokenizer, calibration, ratios, log=say)
-    usable = usable_methods(model, methods, ratios, log=say, builder=builder)
-    runs: list[tuple[str, float | None]] = [("dynamic", None)]
-    runs += [(m, r) for m in usable for r in builder.ratios_for(m, ratios)]
-    rows = []
-    full_bytes = None
-    try:
-        for method, ratio in tqdm(runs, desc=f"needle @ {task.length} tokens", unit="run"):
-            start = time.perf_counter()
-            builder.release()  # e.g. revert the last EliteKV conversion: every run starts from the model as loaded
-            cache = None if ratio is None else builder.build(method, ratio)
-            result = run_needle(model, tokenizer, task, cache, max_new_tokens=24)
-            seconds = time.perf_counter() - start
-            if full_bytes is None:
-                full_bytes = result["cache_bytes"]
-            rows.append(
-                {
-                    "method": method,
-                    "ratio": ratio,
-                    "cache_bytes": result["cache_bytes"],
-                    "bytes_ratio": result["cache_bytes"] / full_bytes,
-                    "correct": result["correct"],
-                    "answer": result["answer"],
-                    "expected": task.answer,
-                    "seconds": seconds,
-                }
-            )
-    finally:
-        builder.release()
-    return rows
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    from .eval.methods import ratio_label
-
-    header = f"{'method':<14}{'ratio asked':>12}{'cache MiB':>11}{'bytes ratio':>13}{'correct':>9}{'seconds':>9}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        asked = "-" if r["ratio"] is None else ratio_label(r["ratio"])
-        lines.append(
-            f"{r['method']:<14}{asked:>12}{r['cache_bytes'] / 2**20:>11.2f}{r['bytes_ratio']:>13.3f}"
-            f"{'yes' if r['correct'] else 'no':>9}{r['seconds']:>9.1f}"
-        )
-    return "\n".join(lines)
-
-
 def demo(args: argparse.Namespace) -> int:
-    from . import available_methods, load_model
+    from . import load_model
+    from .eval.demo import conclusion, demo_runs, format_table
 
     import torch
 
     torch.set_num_threads(args.threads)
-    methods = args.methods or available_methods()
     model, tokenizer = load_model(args.model, device=args.device)
-    print(f"model: {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {args.device}", file=sys.stderr)
+    print(f"model: {args.model or 'SmolLM2-135M-Instruct (embedded)'} on {args.device}, {args.threads} threads",
+          file=sys.stderr)
     _check_needle_length(args, tokenizer)
-    rows = demo_rows(model, tokenizer, methods, args.ratios, args.length, args.depth, args.seed,
-                     calibration=args.calibration)
-    print(format_table(rows))
-    print(f"\nneedle: {rows[0]['expected']}; full-cache answer: {rows[0]['answer']!r}")
+    start = time.perf_counter()
+    runs, tasks = demo_runs(model, tokenizer, args.methods, args.ratios, args.length, args.seeds,
+                            calibration=args.calibration, log=lambda msg: print(msg, file=sys.stderr))
+    print(format_table(runs))
+    print()
+    print(conclusion(runs, tasks))
+    print(f"(demo took {time.perf_counter() - start:.0f} s)", file=sys.stderr)
     return 0
+
+
+def _bundled_text() -> str:
+    from .data import sample_text_path
+
+    return str(sample_text_path())
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -256,7 +206,7 @@ def bench(args: argparse.Namespace) -> int:
         text=args.text,
         haystack=args.haystack,
         continuation=args.continuation,
-        calibration=args.calibration,
+        calibration=args.calibration or _bundled_text(),
         command=shlex.join(["compresskv", *(args.argv or [])]),
     )
     model, tokenizer = load_model(args.model, device=args.device)
@@ -297,23 +247,31 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.demo import DEFAULT_LENGTH as DEMO_LENGTH, DEFAULT_METHODS as DEMO_METHODS, DEFAULT_RATIOS as DEMO_RATIOS
     from .eval.results import DEFAULT_OUT
 
     parser = argparse.ArgumentParser(prog="compresskv", description="Compressed KV caches for transformers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="answer a ~4k-token needle question with every method at a few ratios")
+    d = sub.add_parser(
+        "demo", help="answer needle questions with a full cache and compressed ones; table and conclusion",
+        description="Answer the bench's niah_single questions (a 7-digit number hidden in ~--length tokens, one "
+        "question per seed, each at its own depth) with DynamicCache and with each method at each ratio; print what "
+        "each cache held, how many needles it kept and how fast it ran, then a conclusion.",
+    )
     d.add_argument("--model", type=_model, default=None, help="hub id or local path (default: embedded SmolLM2-135M-Instruct)")
-    d.add_argument("--methods", type=_methods, default=None, help="comma-separated method names (default: all)")
-    d.add_argument("--ratios", type=_ratios, default="0.5,0.875",
-                   help="fractions of the cache removed, each in [0, 1) (default: 0.5,0.875)")
-    d.add_argument("--length", type=_count(1, _LENGTH), default=4096, help="prompt length in tokens (default: 4096)")
-    d.add_argument("--depth", type=_fraction, default=0.5, help="needle depth in [0, 1] (default: 0.5)")
-    d.add_argument("--seed", type=_count(-(2**63), "a whole number"), default=0,
-                   help="seed that draws the needle (the number asked for) (default: 0)")
+    d.add_argument("--methods", type=_methods, default=",".join(DEMO_METHODS),
+                   help=f"comma-separated method names, or all (default: {','.join(DEMO_METHODS)})")
+    d.add_argument("--ratios", type=_ratios, default=",".join(f"{r:g}" for r in DEMO_RATIOS),
+                   help="compression ratios: fractions of the prompt's cache removed, each in [0, 1) "
+                   f"(default: {','.join(f'{r:g}' for r in DEMO_RATIOS)})")
+    d.add_argument("--length", type=_count(1, _LENGTH), default=DEMO_LENGTH,
+                   help=f"prompt length in tokens (default: {DEMO_LENGTH})")
+    d.add_argument("--seeds", type=_seeds, default="0,1,2",
+                   help="comma-separated seeds, one needle question each (default: 0,1,2)")
     d.add_argument("--calibration", type=_text_source, default=None, help="text the calibrated methods (pca, "
-                   "matryoshka, elitekv) calibrate on, as in `compresskv bench`: a file or hf:NAME; without it they "
-                   "are skipped")
+                   "matryoshka, elitekv) calibrate on, as in `compresskv bench`: a file or hf:NAME (default: the "
+                   "bundled novel, Austen's Persuasion; the one-off result is kept under $COMPRESSKV_CACHE/bench)")
     _device_and_threads(d)
     d.set_defaults(func=demo, parser=d)
     b = sub.add_parser(
@@ -337,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--text", type=_text_source, default=None,
                    help="text for perplexity: a file, or hf:NAME[:CONFIG[:SPLIT]] (datasets)")
     b.add_argument("--calibration", type=_text_source, default=None, help="text the calibrated methods (pca, "
-                   "matryoshka, elitekv) calibrate on: a file or hf:NAME (keep it apart from --text); without it "
-                   "they are skipped")
+                   "matryoshka, elitekv) calibrate on: a file or hf:NAME, kept apart from --text (default: the "
+                   "bundled novel, Austen's Persuasion)")
     b.add_argument("--haystack", type=_haystack, default=None,
                    help="text file to hide needles in (default: RULER's noise sentences)")
     b.add_argument("--continuation", type=_count(1, "a number of tokens >= 1"), default=512,
@@ -357,13 +315,14 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _check_needle_length(args: argparse.Namespace, tokenizer: Any) -> None:
-    """``demo --length`` below what the question itself takes would silently run a longer prompt."""
-    from .eval.needle import make_needle_task
+    """``demo --length`` below what the question itself takes is refused, naming the shortest."""
+    from .eval.tasks import make_task
 
-    shortest = make_needle_task(tokenizer, length=1, depth=args.depth, seed=args.seed).length
-    if args.length < shortest:
-        args.parser.error(f"argument --length: {args.length} is shorter than the needle question itself "
-                          f"({shortest} tokens with this model's tokenizer); give a length >= {shortest}, e.g. 4096")
+    try:
+        make_task("niah_single", tokenizer, length=args.length, seed=args.seeds[0])
+    except ValueError as err:
+        args.parser.error(f"argument --length: {args.length} is too short for the needle question ({err}); "
+                          "give e.g. 4096")
 
 
 def _openmp_waits_passively() -> None:
