@@ -330,10 +330,10 @@ def _openmp_waits_passively() -> None:
 
     torch's CPU kernels and MKL's SVDs run on OpenMP threads that spin between parallel regions
     by default; beside any other busy process a spinning thread takes the time slice its partner
-    needs, and every barrier stalls: with 2 threads on 2 cores we measured SVDs 5-30x and prefill
-    5-12x slower than with 1 thread, and PASSIVE 0.5-0.8x the 1-thread time
-    (benchmarks/results/threads.md). OpenMP reads the policy once, when torch is first imported,
-    which in this command happens after this call.
+    needs and every barrier stalls: 2 threads on 2 cores decoded 5x slower than 1 thread, and
+    SVDs ran up to 30x slower; with PASSIVE they are as fast as 1 thread or faster, at a cost of
+    5-13% of decode speed on a quiet machine (benchmarks/results/threads.md). OpenMP reads the
+    policy once, when torch is first imported, which in this command happens after this call.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
