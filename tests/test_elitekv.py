@@ -126,11 +126,11 @@ def test_cache_bytes_are_exactly_the_latent_and_rope_dims():
     seq, _ = greedy(model, ids, mask, cache, new_tokens=5)
     tokens = seq.shape[1] - 1  # the last generated token is never fed back
     layers, hkv, d = 4, 2, 16
-    assert cache.nbytes() == 3 * tokens * layers * (12 + 2 * 2 * hkv) * 4
+    assert cache.nbytes() - cache.room_nbytes() == 3 * tokens * layers * (12 + 2 * 2 * hkv) * 4
     stats = cache.stats()
     assert stats.tokens_seen == tokens and stats.tokens_stored == [tokens] * layers
     assert stats.uncompressed_nbytes == 3 * tokens * layers * 2 * hkv * d * 4
-    assert stats.ratio == pytest.approx((12 + 4 * hkv) / (2 * hkv * d))
+    assert stats.token_ratio == pytest.approx((12 + 4 * hkv) / (2 * hkv * d))
     assert cache.bytes_per_token() == layers * (12 + 4 * hkv) * 4
     k_rope, latent = cache.layers[0].keys, cache.layers[0].values
     assert k_rope.shape == (3, hkv, tokens, 4) and latent.shape == (3, 1, tokens, 12)
@@ -288,7 +288,7 @@ def test_patch_ranks_converts_and_wires_the_cache():
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
                          return_dict_in_generate=True, pad_token_id=0)
     cache = output_cache(out)
-    assert isinstance(cache, compresskv.EliteKVCache) and cache.stats().ratio == pytest.approx(0.5)
+    assert isinstance(cache, compresskv.EliteKVCache) and cache.stats().token_ratio == pytest.approx(0.5)
     compresskv.unpatch(model)  # does not un-convert
     assert elitekv.is_converted(model)
     with pytest.raises(ValueError, match="already converted"):
@@ -396,13 +396,14 @@ def test_embedded_model_exact_at_full_size_and_patch_at_half():
     out = model.generate(**kwargs)
     assert torch.equal(out.sequences, ref.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) <= 1e-4
-    assert output_cache(out).stats().ratio == pytest.approx(1.0)
+    assert output_cache(out).stats().token_ratio == pytest.approx(1.0)
     text = tokenizer.decode(make_needle_task(tokenizer, length=600, seed=5).input_ids[0])
     compresskv.patch(original, "elitekv", cache_ratio=0.5, calibration_texts=text, tokenizer=tokenizer, seq_len=256,
                      num_windows=2, progress=False)
     half = original.generate(**kwargs)
-    assert output_cache(half).stats().ratio == pytest.approx(0.5)
-    assert output_cache(half).nbytes() == (task.length + 5) * 30 * 192 * 4  # c + 2·r·H_kv = 192 of 384
+    assert output_cache(half).stats().token_ratio == pytest.approx(0.5)
+    kept = output_cache(half)
+    assert kept.nbytes() - kept.room_nbytes() == (task.length + 5) * 30 * 192 * 4  # c + 2·r·H_kv = 192 of 384
     compresskv.unpatch(original)
 
 

@@ -65,7 +65,8 @@ class LowRankStats(CacheStats):
     ``ranks_k``/``ranks_v``: per model layer (``None`` where not factorised); ``groups``: model
     layer indices of each group; ``bytes_by_kind``: ``nbytes`` split into shared latents (or merged
     directions), per-layer factors (or magnitudes and retained tokens), uncompressed tokens
-    (decoded ones, and layers left uncompressed), validity masks, positions and RoPE state;
+    (decoded ones, and layers left uncompressed), validity masks, preallocated decode room not yet
+    filled, positions and RoPE state;
     ``compress_seconds``: time spent compressing (SVD, merging) after prefill; ``last_read``: the
     last forward's :class:`ReadCost` summed over layers (``transient_bytes`` is the largest single
     layer's, since layers run one after another); ``total_read``: the same over all forwards. Reads
@@ -409,7 +410,8 @@ class _GroupedCache(CompressedCache):
                 valid += tensor_bytes(layer.valid)
             else:
                 tails += tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
-        return {"shared": shared, "per_layer": own, "uncompressed_tokens": tails, "validity": valid}
+        return {"shared": shared, "per_layer": own, "uncompressed_tokens": tails, "validity": valid,
+                "decode_room": self.room_nbytes()}
 
     def stats(self) -> LowRankStats:
         ranks_k: list[int | None] = []
