@@ -34,7 +34,7 @@ def test_decode_steps_write_in_place_and_reallocate_only_when_the_room_is_full(m
         pointers.append(layer.keys.data_ptr())
         stored.append(layer.stored())
     assert stored == list(range(stored[0], stored[0] + 40))
-    # 48 kept + 40 decoded with room of max(16, stored / 8) tokens: a handful of allocations, not 40
+    # 48 kept + 40 decoded with room of max(16, stored / 32) tokens: a handful of allocations, not 40
     assert len(set(pointers)) <= 3, len(set(pointers))
     room = layer._key_room
     assert layer.keys.data_ptr() == room.data_ptr() and room.shape[-2] > layer.stored()

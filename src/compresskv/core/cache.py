@@ -73,7 +73,8 @@ class KVLayer(Storage, CacheLayerMixin):
         return self.keys, self.values
 
     #: Decode-time room: when an append after the prompt outgrows the preallocated storage, it
-    #: grows by this many tokens or an eighth of what is stored, whichever is more.
+    #: grows by this many tokens or 1/32 of what is stored, whichever is more (at most ~3% more
+    #: memory; the whole layer is then copied once every ~1/32 of its length in steps).
     ROOM_TOKENS = 16
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -102,7 +103,7 @@ class KVLayer(Storage, CacheLayerMixin):
         room = getattr(self, name, None)
         used, n = stored.shape[-2], new.shape[-2]
         if not self._is_prefix(stored, room) or used + n > room.shape[-2]:
-            grow = max(self.ROOM_TOKENS, used // 8)
+            grow = max(self.ROOM_TOKENS, used // 32)
             room = stored.new_empty(*stored.shape[:-2], used + n + grow, stored.shape[-1])
             room[..., :used, :] = stored
             setattr(self, name, room)
@@ -308,7 +309,7 @@ class CacheStats:
     #: means, a RoPE table): a per-model overhead, large next to a short prompt's cache
     fixed_nbytes: int = 0
     #: the part of ``nbytes`` that is decode-time room allocated ahead of the tokens that will fill
-    #: it (at most an eighth of what is stored, or 16 tokens a layer): held, but not yet used
+    #: it (at most 1/32 of what is stored, or 16 tokens a layer): held, but not yet used
     room_nbytes: int = 0
 
     @property
