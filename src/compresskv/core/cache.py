@@ -50,6 +50,8 @@ class KVLayer(Storage, CacheLayerMixin):
         # prefill sends it in pieces); from that first single-token step on, the layer decodes.
         self.decoding = False
         self.expected: tuple[int, int, int] | None = None  # (num_layers, kv_heads, head_dim)
+        self._key_room: torch.Tensor | None = None  # decode-time room behind keys/values (see append)
+        self._value_room: torch.Tensor | None = None
 
     # -- storage ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -100,7 +102,7 @@ class KVLayer(Storage, CacheLayerMixin):
     def _write_in_room(self, stored: torch.Tensor, new: torch.Tensor, name: str) -> torch.Tensor:
         """``stored`` followed by ``new``, written into the room tensor ``name`` (reallocated,
         with more room, when ``stored`` is not its prefix or it is full)."""
-        room = getattr(self, name, None)
+        room = getattr(self, name)
         used, n = stored.shape[-2], new.shape[-2]
         if not self._is_prefix(stored, room) or used + n > room.shape[-2]:
             grow = max(self.ROOM_TOKENS, used // 32)
@@ -116,11 +118,15 @@ class KVLayer(Storage, CacheLayerMixin):
         return (room is not None and stored.data_ptr() == room.data_ptr() and stored.stride() == room.stride()
                 and stored.shape[:-2] == room.shape[:-2] and stored.shape[-1] == room.shape[-1])
 
+    def _free_room(self) -> None:
+        """Drop the room when the stored tensors are replaced: it must not stay alive unaccounted."""
+        self._key_room = self._value_room = None
+
     def room_nbytes(self) -> int:
         """Bytes of preallocated room not (yet) holding tokens: held memory, counted by :meth:`nbytes`."""
         extra = 0
         for name, stored in (("_key_room", self.keys), ("_value_room", self.values)):
-            room = getattr(self, name, None)
+            room = getattr(self, name)
             if stored is not None and self._is_prefix(stored, room):
                 extra += tensor_bytes(room) - tensor_bytes(stored)
         return extra
@@ -212,7 +218,7 @@ class KVLayer(Storage, CacheLayerMixin):
         """Keep only the stored tokens at ``index`` (``[batch, kv_heads, n]``); ``slot_valid``
         (same shape) marks slots kept only as filler, masked from then on."""
         gather = index[..., None]
-        self._key_room = self._value_room = None  # the kept tokens are new tensors: free the old room
+        self._free_room()  # the kept tokens are new tensors
         self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1]))
         self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
         valid = self.valid.gather(2, index) if self.valid is not None else None
@@ -255,7 +261,7 @@ class KVLayer(Storage, CacheLayerMixin):
 
     def reset(self) -> None:
         self.clear_storage()
-        self._key_room = self._value_room = None
+        self._free_room()
         self.valid = None
         self.is_initialized = False
         self.seen = self.stored_before = 0
@@ -278,7 +284,7 @@ class KVLayer(Storage, CacheLayerMixin):
         if self.is_initialized:
             self.map_storage(fn)
             self.map_valid(fn)
-            self._key_room = self._value_room = None  # the rows now live in new tensors
+            self._free_room()  # the rows now live in new tensors
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.map_rows(batch_fn("reorder", beam_idx))

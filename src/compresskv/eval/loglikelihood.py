@@ -31,7 +31,7 @@ With a ``DynamicCache``, or any method at ``compression_ratio=0``, the result eq
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,18 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor, cache: Any, last_only: b
         raise
     logits = out.logits[0].float()
     return logits[-1:] if last_only else logits
+
+
+def continuation_logits(
+    model: torch.nn.Module, cache: Any, feed: torch.Tensor, chunk_size: int = 1
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Feed ``feed`` (``[1, n]``) on top of what ``cache`` holds: its first token alone (a decode
+    step, which closes the prompt), then ``chunk_size`` tokens per forward (appended as a new turn,
+    never compressed as more prompt). Yields ``(start, end, float logits [end - start, vocab])``."""
+    n = feed.shape[-1]
+    bounds = [0, *range(1, n, chunk_size), n] if n else []
+    for start, end in zip(bounds, bounds[1:]):
+        yield start, end, _forward(model, feed[:, start:end], cache)
 
 
 @torch.no_grad()
@@ -123,10 +135,7 @@ def score_continuation(
     # Row t of `logits` predicts continuation token t: the context's last position, then each fed token.
     logits = [_forward(model, context, cache, last_only=True)]
     feed = cont[:, :-1]  # the last continuation token predicts nothing scored
-    n = feed.shape[-1]
-    bounds = [0, *range(1, n, chunk_size), n] if n else []  # the first token alone, then chunks
-    for i, end in zip(bounds, bounds[1:]):
-        logits.append(_forward(model, feed[:, i:end], cache))
+    logits += [rows for _, _, rows in continuation_logits(model, cache, feed, chunk_size)]
     target = cont[0]
     if target.numel() == 0:
         return 0.0, True

@@ -116,13 +116,12 @@ def continuation_nll(model: Any, cache: Any, last_logits: torch.Tensor, cont: to
     multi-token forward before the first single-token one (a chunked prompt is compressed chunk by
     chunk), so the single-token step ends the prompt at the prefix and the continuation is appended
     as decoded tokens are, whatever ``chunk_size``."""
+    from .loglikelihood import continuation_logits
+
     nll = F.cross_entropy(last_logits.float(), cont[:, 0], reduction="sum")
     feed = cont[:, :-1]  # the last token predicts nothing we score
-    starts = [0] + list(range(1, feed.shape[-1], chunk_size)) if feed.shape[-1] else []
-    for i, end in zip(starts, starts[1:] + [feed.shape[-1]]):
-        piece = feed[:, i:end]
-        logits = model(input_ids=piece, use_cache=True, **compat.cache_kwargs(cache, model.forward)).logits.float()
-        nll = nll + F.cross_entropy(logits[0], cont[0, i + 1 : end + 1], reduction="sum")
+    for i, end, logits in continuation_logits(model, cache, feed, chunk_size):
+        nll = nll + F.cross_entropy(logits, cont[0, i + 1 : end + 1], reduction="sum")
     return float(nll) / cont.shape[-1]
 
 
