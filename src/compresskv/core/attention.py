@@ -46,6 +46,9 @@ class HookedLayer(Protocol):
 
     stored_before: int
     valid: torch.Tensor | None
+    static: bool  # decodes into static buffers under its own mask (compresskv.core.decode)
+
+    def static_mask(self, query: torch.Tensor, eager: bool) -> torch.Tensor: ...
 
     def check_model(self, module: torch.nn.Module) -> None: ...
 
@@ -157,6 +160,8 @@ def _base_attention(base: str, module: torch.nn.Module) -> Callable[..., Any]:
 def _layer_mask(layer: HookedLayer, call: "AttentionCall") -> Any:
     """The mask of a compressed layer: its stored tokens' validity, then causal over the new ones."""
     query, new_valid = call.query, call.new_valid
+    if layer.static:
+        return layer.static_mask(query, call.base == "eager")
     bsz, n_heads, q_len, _ = query.shape
     stored = layer.stored_before
     if stored == 0 and layer.valid is None:
@@ -251,13 +256,21 @@ def _make_attention(base: str) -> Callable[..., Any]:
         device = query.device  # the layer's device: masks follow it under a multi-device device_map
         if layer is None:
             return fn(module, query, key, value, bundle.base_on(device) if bundle else attention_mask, **kwargs)
-        if bundle is None and attention_mask is not None and layer.stored_before > 0:
-            raise ValueError(
-                "compresskv: a prepared 4-D attention mask cannot be mapped onto a compressed cache; "
-                "pass the usual 2-D attention_mask (batch, tokens) instead."
-            )
-        layer.check_model(module)
         pad2d = bundle.pad_on(device) if bundle is not None else None
+        if bundle is None and attention_mask is not None and not layer.static:
+            if layer.stored_before > 0:
+                raise ValueError(
+                    "compresskv: a prepared 4-D attention mask cannot be mapped onto a compressed cache; "
+                    "pass the usual 2-D attention_mask (batch, tokens) instead."
+                )
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+                pad2d = _padding_of(attention_mask)  # a prompt under transformers' own mask (compileable caches)
+        layer.check_model(module)
+        new_valid = None
+        if bundle is not None:
+            new_valid = bundle.new_valid(query.shape[-2], device)
+        elif pad2d is not None:
+            new_valid = pad2d if not bool(pad2d.all()) else None
         scaling = kwargs.get("scaling")
         call = AttentionCall(
             module,
@@ -268,7 +281,7 @@ def _make_attention(base: str) -> Callable[..., Any]:
             scaling if scaling is not None else query.shape[-1] ** -0.5,
             base,
             kwargs,
-            bundle.new_valid(query.shape[-2], device) if bundle is not None else None,
+            new_valid,
             layer,
             attention_mask,
         )
@@ -278,6 +291,13 @@ def _make_attention(base: str) -> Callable[..., Any]:
 
     attention.__name__ = f"{PREFIX}{base}_attention"
     return attention
+
+
+def _padding_of(mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, kv]`` padding of a prompt from transformers' own 4-D mask over it: the last query,
+    a real token under left padding, sees every real token and no padding."""
+    row = mask[:, 0, -1, :]
+    return row if row.dtype == torch.bool else row == 0
 
 
 def note_mask_for_compressed_cache() -> None:

@@ -19,11 +19,12 @@ from transformers.cache_utils import CacheLayerMixin
 
 from . import attention as _attention
 from .attention import AttentionCall
+from .decode import DecodeStorage
 from .facts import full_attention_layers, model_dims, plain_layers, text_config
 from .storage import Storage, batch_fn, tensor_bytes
 
 
-class KVLayer(Storage, CacheLayerMixin):
+class KVLayer(Storage, DecodeStorage, CacheLayerMixin):
     """An uncompressed full-attention layer that builds its own mask; subclasses compress it.
 
     Stores ``keys``/``values`` as ``[batch, kv_heads, stored, head_dim]`` (never the
@@ -36,11 +37,11 @@ class KVLayer(Storage, CacheLayerMixin):
     storage: tuple[str, ...] = ("keys", "values")
 
     is_sliding = False
-    is_compileable = False
     is_croppable = False
 
     def __init__(self) -> None:
         super().__init__()
+        self.init_decode_storage()
         self.valid = None
         self.layer_idx: int | None = None  # the model layer it caches; set by CompressedCache
         self.seen = 0
@@ -50,8 +51,6 @@ class KVLayer(Storage, CacheLayerMixin):
         # prefill sends it in pieces); from that first single-token step on, the layer decodes.
         self.decoding = False
         self.expected: tuple[int, int, int] | None = None  # (num_layers, kv_heads, head_dim)
-        self._key_room: torch.Tensor | None = None  # decode-time room behind keys/values (see append)
-        self._value_room: torch.Tensor | None = None
 
     # -- storage ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -74,62 +73,23 @@ class KVLayer(Storage, CacheLayerMixin):
         self.mark_pending()
         return self.keys, self.values
 
-    #: Decode-time room: when an append after the prompt outgrows the preallocated storage, it
-    #: grows by this many tokens or 1/32 of what is stored, whichever is more (at most ~3% more
-    #: memory; the whole layer is then copied once every ~1/32 of its length in steps).
-    ROOM_TOKENS = 16
-
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Store the new tokens after the stored ones (initialising on the first call).
-
-        The prompt is concatenated (it is compressed right after, into new tensors). Later tokens
-        are written in place into preallocated room behind the stored ones, so a decode step
-        copies only its own token instead of the whole layer (``torch.cat`` per step, as
-        ``DynamicCache`` does, was a fifth of SnapKV's decode time at 4k tokens on a CPU).
-        ``keys``/``values`` stay views of exactly the stored tokens; :meth:`nbytes` counts the room.
-        """
+        """Store the new tokens after the stored ones (initialising on the first call). The prompt
+        is concatenated (it is compressed right after, into new tensors); later tokens go where
+        :mod:`compresskv.core.decode` says (room written in place, or static buffers)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.static:
+            self.write_static(key_states, value_states)
+            return
         self.stored_before = self.keys.shape[-2]
         if self.prefilled:
-            self.keys = self._write_in_room(self.keys, key_states, "_key_room")
-            self.values = self._write_in_room(self.values, value_states, "_value_room")
+            self.keys = self.write_in_room(self.keys, key_states, "_key_room")
+            self.values = self.write_in_room(self.values, value_states, "_value_room")
         else:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
-
-    def _write_in_room(self, stored: torch.Tensor, new: torch.Tensor, name: str) -> torch.Tensor:
-        """``stored`` followed by ``new``, written into the room tensor ``name`` (reallocated,
-        with more room, when ``stored`` is not its prefix or it is full)."""
-        room = getattr(self, name)
-        used, n = stored.shape[-2], new.shape[-2]
-        if not self._is_prefix(stored, room) or used + n > room.shape[-2]:
-            grow = max(self.ROOM_TOKENS, used // 32)
-            room = stored.new_empty(*stored.shape[:-2], used + n + grow, stored.shape[-1])
-            room[..., :used, :] = stored
-            setattr(self, name, room)
-        room[..., used : used + n, :] = new
-        return room[..., : used + n, :]
-
-    @staticmethod
-    def _is_prefix(stored: torch.Tensor, room: torch.Tensor | None) -> bool:
-        """Whether ``stored`` is the first tokens of ``room`` (a view written by _write_in_room)."""
-        return (room is not None and stored.data_ptr() == room.data_ptr() and stored.stride() == room.stride()
-                and stored.shape[:-2] == room.shape[:-2] and stored.shape[-1] == room.shape[-1])
-
-    def _free_room(self) -> None:
-        """Drop the room when the stored tensors are replaced: it must not stay alive unaccounted."""
-        self._key_room = self._value_room = None
-
-    def room_nbytes(self) -> int:
-        """Bytes of preallocated room not (yet) holding tokens: held memory, counted by :meth:`nbytes`."""
-        extra = 0
-        for name, stored in (("_key_room", self.keys), ("_value_room", self.values)):
-            room = getattr(self, name)
-            if stored is not None and self._is_prefix(stored, room):
-                extra += tensor_bytes(room) - tensor_bytes(stored)
-        return extra
 
     def mark_pending(self) -> None:
         """Tell compresskv's attention function that the next attention call of model layer
@@ -157,7 +117,10 @@ class KVLayer(Storage, CacheLayerMixin):
 
     def after_attention(self, call: AttentionCall) -> None:
         """Called by compresskv's attention once this layer's attention has run: records the new
-        tokens' validity, then compresses once after prefill."""
+        tokens' validity, then compresses once after prefill (and then, with ``decode_tokens``,
+        moves to static decoding: see :mod:`compresskv.core.decode`)."""
+        if self.static:
+            return  # the write recorded everything; the Python state stays the same step to step
         bsz, _, q_len, _ = call.query.shape
         n_kv = self.expected[1] if self.expected is not None else call.query.shape[1]
         if call.new_valid is not None or self.valid is not None:
@@ -175,6 +138,8 @@ class KVLayer(Storage, CacheLayerMixin):
         if not self.prefilled:
             self.prefilled = True
             self.compress(call)
+            if self.decode_tokens is not None:
+                self.begin_static()
         elif not self.decoding:
             if q_len == 1:
                 self.decoding = True
@@ -218,7 +183,7 @@ class KVLayer(Storage, CacheLayerMixin):
         """Keep only the stored tokens at ``index`` (``[batch, kv_heads, n]``); ``slot_valid``
         (same shape) marks slots kept only as filler, masked from then on."""
         gather = index[..., None]
-        self._free_room()  # the kept tokens are new tensors
+        self.free_room()  # the kept tokens are new tensors
         self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1]))
         self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
         valid = self.valid.gather(2, index) if self.valid is not None else None
@@ -228,12 +193,18 @@ class KVLayer(Storage, CacheLayerMixin):
 
     # -- what transformers asks --------------------------------------------------------------
     def stored(self) -> int:
+        if self.static:
+            return int(self._fill)
         return self.keys.shape[-2] if self.is_initialized and self.keys is not None else 0
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self) -> int | torch.Tensor:
+        if self.static and torch.compiler.is_compiling():
+            return self._fill + (self._seen0 - self._fill0)  # a tensor, as StaticCache's: no host sync
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.static:
+            return self.keys.shape[-2], 0  # the whole buffers are attended (under the layer's own mask)
         stored = self.stored()
         return stored + query_length, self.seen - stored
 
@@ -245,7 +216,8 @@ class KVLayer(Storage, CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds: :attr:`storage`, validity, decode-time room not
         yet filled (:meth:`room_nbytes`) and :meth:`held_nbytes`."""
-        return tensor_bytes(*self.tensors(), self.valid) + self.room_nbytes() + self.held_nbytes()
+        room = 0 if self.static else self.room_nbytes()  # static buffers are the stored tensors themselves
+        return tensor_bytes(*self.tensors(), self.valid) + room + self.held_nbytes()
 
     def held_nbytes(self) -> int:
         """Bytes of per-layer tensors that are not per row (projection columns, means)."""
@@ -261,7 +233,8 @@ class KVLayer(Storage, CacheLayerMixin):
 
     def reset(self) -> None:
         self.clear_storage()
-        self._free_room()
+        self.free_room()
+        self.end_static()
         self.valid = None
         self.is_initialized = False
         self.seen = self.stored_before = 0
@@ -284,7 +257,8 @@ class KVLayer(Storage, CacheLayerMixin):
         if self.is_initialized:
             self.map_storage(fn)
             self.map_valid(fn)
-            self._free_room()  # the rows now live in new tensors
+            self.free_room()  # the rows now live in new tensors
+            self.static_moved()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.map_rows(batch_fn("reorder", beam_idx))
@@ -367,10 +341,18 @@ class CompressedCache(Cache):
     """
 
     method = "full"
+    #: decode tokens to make room for after compression, for static (compileable) decoding; set by
+    #: the caches that offer it (see :mod:`compresskv.core.decode`)
+    decode_tokens: int | None = None
 
     def __init__(self, model: torch.nn.Module) -> None:
         refuse_mla(model, type(self).__name__)  # before switching the model's attention
         self.base_attention = _attention.install(model)
+        if self.decode_tokens is not None and self.base_attention not in ("sdpa", "eager"):
+            raise ValueError(
+                f"{type(self).__name__}: decode_tokens= (static, compileable decoding) needs "
+                f"attn_implementation 'sdpa' or 'eager', not {self.base_attention!r}."
+            )
         plain = plain_layers(model)
         full = full_attention_layers(model, plain)
         if not full:
@@ -388,6 +370,8 @@ class CompressedCache(Cache):
             layer = self.make_layer(index, len(full))
             layer.expected = expected
             layer.layer_idx = idx
+            if self.decode_tokens is not None:
+                layer.decode_tokens = self.decode_tokens
             layers[idx] = layer
         super().__init__(layers=layers)
 
@@ -406,7 +390,10 @@ class CompressedCache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_mask_sizes(self, *args: Any, **kwargs: Any) -> Any:
-        _attention.note_mask_for_compressed_cache()
+        # A compileable cache takes transformers' own masks (generate() prepares them outside the
+        # compiled forward, as plain tensors); compresskv's attention reads padding from them.
+        if not self.is_compileable:
+            _attention.note_mask_for_compressed_cache()
         return super().get_mask_sizes(*args, **kwargs)
 
     @property

@@ -232,7 +232,14 @@ class EvictionCache(CompressedCache):
         budget: int | None = None,
         compression_ratio: float | None = None,
         window_size: int = 32,
+        decode_tokens: int | None = None,
     ) -> None:
+        if decode_tokens is not None and (not isinstance(decode_tokens, int) or decode_tokens < 1):
+            raise ValueError(
+                f"{type(self).__name__}: decode_tokens (room for this many decoded tokens, for static, "
+                f"compileable decoding) must be an int >= 1 or None, got {decode_tokens!r}."
+            )
+        self.decode_tokens = decode_tokens
         if not isinstance(window_size, int) or window_size < 0:
             raise ValueError(f"{type(self).__name__}: window_size must be an int >= 0, got {window_size!r}.")
         if (budget is None) == (compression_ratio is None):
@@ -363,6 +370,7 @@ class StreamingLLMCache(EvictionCache):
         window: int | None = None,
         budget: int | None = None,
         compression_ratio: float | None = None,
+        decode_tokens: int | None = None,
     ) -> None:
         if not isinstance(sink, int) or sink < 0:
             raise ValueError(f"StreamingLLMCache: sink must be an int >= 0, got {sink!r}.")
@@ -379,7 +387,9 @@ class StreamingLLMCache(EvictionCache):
             raise ValueError(f"StreamingLLMCache: budget must be an int > sink={sink}, got {budget!r}.")
         self.sink = sink
         # Recency is part of the scores, so no window is forced (window_size=0).
-        super().__init__(model, budget=budget, compression_ratio=compression_ratio, window_size=0)
+        super().__init__(
+            model, budget=budget, compression_ratio=compression_ratio, window_size=0, decode_tokens=decode_tokens
+        )
 
     def plan(self, seq_len: int, index: int, n_full: int) -> tuple[int, int] | None:
         if self.budget is not None:

@@ -1,0 +1,196 @@
+"""Where a layer's decoded tokens go: room written in place, or static buffers for torch.compile.
+
+Two ways, both behind :meth:`DecodeStorage.append_decoded`:
+
+- **Room** (the default): after the prompt, new tokens are written into preallocated room behind
+  the stored ones, grown by ``max(16 tokens, 1/32 of the stored)`` when full, so a step copies its
+  own token instead of the whole layer (``torch.cat`` per step, as ``DynamicCache`` does, was a
+  fifth of SnapKV's decode time at 4k tokens on a CPU). ``keys``/``values`` stay views of exactly
+  the stored tokens, so attention reads only those.
+- **Static** (a cache built with ``decode_tokens=N``): right after compression the layer moves its
+  tokens into buffers with room for ``N`` more, and from then on ``keys``/``values``/``valid`` are
+  those whole buffers. A step writes at a position held in a tensor (``_fill``) and attends over
+  every slot under a mask in which the unwritten ones are invalid: the shapes and the Python state
+  are the same at every step, so ``torch.compile`` traces the step once without a graph break (and
+  CUDA graphs can replay it), as transformers' ``StaticCache`` does. The attention reads the room
+  too (``N`` slots more than the room way); that is the price of static shapes.
+
+Either way the room is held memory: ``nbytes()`` counts it, :meth:`room_nbytes` says how much of it
+holds no token yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .storage import tensor_bytes
+
+
+def _mark_static(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile these tensors keep their address (needed for CUDA graphs to write them)."""
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
+class DecodeStorage:
+    """Mixin of :class:`~compresskv.core.cache.KVLayer`: decode-time storage of ``keys``/``values``."""
+
+    #: Room way: tokens of room added when it is full (or 1/32 of the stored, whichever is more).
+    ROOM_TOKENS = 16
+    #: Static way: decode tokens to make room for after compression (``None``: the room way).
+    decode_tokens: int | None = None
+
+    keys: Any
+    values: Any
+    _valid: torch.Tensor | None
+
+    def init_decode_storage(self) -> None:
+        self._key_room: torch.Tensor | None = None
+        self._value_room: torch.Tensor | None = None
+        self._fill: torch.Tensor | None = None  # static way: slots written (a 0-d long tensor)
+        self._fill0 = 0  # slots written when the static way began
+        self._seen = 0
+        self._seen0 = 0  # tokens seen when the static way began
+
+    # -- tokens seen -----------------------------------------------------------------------------
+    @property
+    def seen(self) -> int:
+        """Tokens this layer has seen (stored or not). In the static way it follows from ``_fill``,
+        which only tensor operations change (reading it is a host sync)."""
+        if self._fill is None:
+            return self._seen
+        return self._seen0 + int(self._fill) - self._fill0
+
+    @seen.setter
+    def seen(self, value: int) -> None:
+        self._seen = value
+
+    # -- the room way ----------------------------------------------------------------------------
+    def write_in_room(self, stored: torch.Tensor, new: torch.Tensor, name: str) -> torch.Tensor:
+        """``stored`` followed by ``new``, written into the room tensor ``name`` (reallocated,
+        with more room, when ``stored`` is not its prefix or it is full)."""
+        room = getattr(self, name)
+        used, n = stored.shape[-2], new.shape[-2]
+        if not self._is_prefix(stored, room) or used + n > room.shape[-2]:
+            grow = max(self.ROOM_TOKENS, used // 32)
+            room = stored.new_empty(*stored.shape[:-2], used + n + grow, stored.shape[-1])
+            room[..., :used, :] = stored
+            setattr(self, name, room)
+        room[..., used : used + n, :] = new
+        return room[..., : used + n, :]
+
+    @staticmethod
+    def _is_prefix(stored: torch.Tensor, room: torch.Tensor | None) -> bool:
+        """Whether ``stored`` is the first tokens of ``room`` (a view written by write_in_room)."""
+        return (room is not None and stored.data_ptr() == room.data_ptr() and stored.stride() == room.stride()
+                and stored.shape[:-2] == room.shape[:-2] and stored.shape[-1] == room.shape[-1])
+
+    def free_room(self) -> None:
+        """Drop the room when the stored tensors are replaced: it must not stay alive unaccounted."""
+        self._key_room = self._value_room = None
+
+    def room_nbytes(self) -> int:
+        """Bytes of preallocated room not (yet) holding tokens: held memory, counted by ``nbytes()``."""
+        if self._fill is not None:
+            slots = self.keys.shape[-2]
+            per_slot = tensor_bytes(self.keys, self.values, self._valid) / slots
+            return int(per_slot * (slots - int(self._fill)))
+        extra = 0
+        for name, stored in (("_key_room", self.keys), ("_value_room", self.values)):
+            room = getattr(self, name)
+            if stored is not None and self._is_prefix(stored, room):
+                extra += tensor_bytes(room) - tensor_bytes(stored)
+        return extra
+
+    # -- the static way --------------------------------------------------------------------------
+    @property
+    def static(self) -> bool:
+        """Whether the layer decodes the static way (see the module's docstring)."""
+        return self._fill is not None
+
+    @property
+    def is_compileable(self) -> bool:  # transformers: a cache compiles when all its layers do
+        return self.decode_tokens is not None
+
+    def begin_static(self) -> None:
+        """Move the stored tokens into buffers with ``decode_tokens`` slots more (after compression)."""
+        keys, values, valid = self.keys, self.values, self._valid
+        b, h, n, _ = keys.shape
+        slots = n + self.decode_tokens
+        self.free_room()
+        self.keys = keys.new_zeros(b, h, slots, keys.shape[-1])
+        self.values = values.new_zeros(b, h, slots, values.shape[-1])
+        self.keys[:, :, :n] = keys
+        self.values[:, :, :n] = values
+        # One validity row per row of the batch when every head keeps the same slots valid (the
+        # mask then broadcasts over heads), else one per KV head.
+        if valid is not None and not bool((valid == valid[:, :1]).all()):
+            buf = torch.zeros(b, h, slots, dtype=torch.bool, device=keys.device)
+        else:
+            buf = torch.zeros(b, 1, slots, dtype=torch.bool, device=keys.device)
+        buf[..., :n] = True if valid is None else valid[:, : buf.shape[1]]
+        seen = self._seen
+        self._valid = buf
+        self._heads_agree = buf.shape[1] == 1
+        self._fill = torch.tensor(n, device=keys.device)
+        self._fill0, self._seen0 = n, seen
+        _mark_static(self.keys, self.values, self._valid, self._fill)
+
+    def write_static(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write new tokens at ``_fill`` in place (no host sync and no new Python state when compiled;
+        eagerly, a full buffer grows and a second piece of the prompt is refused)."""
+        n = key_states.shape[-2]
+        if not torch.compiler.is_compiling():
+            filled = int(self._fill)
+            if n > 1 and filled == self._fill0:
+                raise ValueError(
+                    f"compresskv: {type(self).__name__} with decode_tokens= (static decoding) compresses the prompt's "
+                    "first forward only; a second multi-token forward before any decode step (chunked prefill, "
+                    "generate(prefill_chunk_size=...)) is not supported. Send the prompt in one forward, or build "
+                    "the cache without decode_tokens."
+                )
+            if filled + n > self.keys.shape[-2]:
+                self._grow(filled + n + self.decode_tokens - self.keys.shape[-2])
+        index = self._fill + torch.arange(n, device=self._fill.device)
+        self.keys.index_copy_(2, index, key_states)
+        self.values.index_copy_(2, index, value_states)
+        self._valid.index_fill_(2, index, True)  # decoded tokens are real
+        self._fill.add_(n)
+
+    def _grow(self, more: int) -> None:
+        """Add ``more`` slots to the static buffers (eager only: under torch.compile this changes
+        shapes, so the next step compiles again; decode_tokens should cover the generation)."""
+        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], more, *t.shape[3:])], dim=2)  # noqa: E731
+        self.keys, self.values, self._valid = pad(self.keys), pad(self.values), pad(self._valid)
+        _mark_static(self.keys, self.values, self._valid)
+
+    def static_mask(self, query: torch.Tensor, eager: bool) -> torch.Tensor:
+        """The static way's mask, ``[batch, 1 or q_heads, q_len, slots]``: written valid slots, causal
+        among the new tokens (bool, or 0 / dtype-min for eager attention)."""
+        q_len, n_heads = query.shape[-2], query.shape[1]
+        mask = self._valid[:, :, None, :]
+        if q_len > 1:
+            slots = torch.arange(mask.shape[-1], device=mask.device)
+            at = self._fill - q_len + torch.arange(q_len, device=mask.device)
+            mask = mask & (slots[None, :] <= at[:, None])
+        if mask.shape[1] > 1:
+            mask = mask.repeat_interleave(n_heads // mask.shape[1], dim=1)
+        if eager:
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            mask = torch.where(mask, zero, torch.finfo(query.dtype).min)
+        return mask
+
+    def static_moved(self) -> None:
+        """After a row operation or a device move of the static buffers: the counter follows them,
+        and the new tensors are marked static again."""
+        if self._fill is not None:
+            self._fill = self._fill.to(self.keys.device)
+            _mark_static(self.keys, self.values, self._valid, self._fill)
+
+    def end_static(self) -> None:
+        """Leave the static way (reset)."""
+        self._fill = None
+        self._fill0 = self._seen0 = 0
