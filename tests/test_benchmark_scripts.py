@@ -57,3 +57,24 @@ def test_compare_bench_finds_identical_rows_and_a_changed_one(tmp_path):
     assert set(changed["differing"][0]["fields"]) == {"ppl", "cache_bytes_prefill"}
     out = module.main([str(folder / "bench_before.jsonl"), str(folder / "bench_after.jsonl"), "--out", str(tmp_path / "c")])
     assert "**0**" in (tmp_path / "c.md").read_text() and out["compared"] == result["compared"]
+
+
+@pytest.mark.slow
+def test_decode_benchmark_smoke_runs_every_kind_of_row_and_resumes(tmp_path):
+    """``benchmarks/decode.py --smoke``: DynamicCache, StaticCache + compile, a method eager and
+    compiled (same tokens as eager) and a non-compileable one, ratios from one run; a second run
+    finds the cell done."""
+    module = load_benchmark("decode")
+    argv = ["--smoke", "--contexts", "128", "--threads", "1", "--methods", "snapkv,svd", "--ratios", "0.5",
+            "--compiled", "snapkv:0.5", "--rounds", "2", "--steps", "3", "--out", str(tmp_path / "d")]
+    result = module.main(argv)
+    (cell,) = result["cells"]
+    rows = {t["config"]: t for t in cell["table"]}
+    assert set(rows) == {"dynamiccache", "staticcache+compile", "snapkv@0.5", "snapkv@0.5+compile", "svd@0.5"}
+    assert rows["dynamiccache"]["vs_dynamic"] == 1.0 and rows["staticcache+compile"]["vs_static_compile"] == 1.0
+    assert rows["snapkv@0.5+compile"]["same_tokens_as_eager"] is True
+    assert rows["snapkv@0.5"]["cache_bytes"] < rows["dynamiccache"]["cache_bytes"]
+    assert all(t["ms_per_token"] > 0 for t in cell["table"])
+    assert "| snapkv@0.5+compile |" in (tmp_path / "d.md").read_text()
+    again = module.main(argv)
+    assert again["cells"] == result["cells"]  # nothing re-measured

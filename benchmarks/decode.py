@@ -1,0 +1,305 @@
+"""Decode speed of every method, eager and compiled, against DynamicCache and StaticCache + compile.
+
+For each context length (``--contexts``) and thread count (``--threads``), one interleaved run of:
+
+- ``dynamiccache``: transformers' ``DynamicCache``, eager (the baseline of every ratio);
+- ``staticcache+compile``: transformers' ``StaticCache`` with ``torch.compile``'d decode steps,
+  transformers' fastest path;
+- every method at every ``--ratios`` value, eager, and compiled where the cache is compileable (the
+  eviction caches with ``decode_tokens``; the others are not, and say so).
+
+One measurement: a prompt of ``L`` real-text tokens is prefilled once per configuration (eagerly,
+with every thread), and each measurement decodes from a copy of that prefilled cache
+(``copy.deepcopy``): ``--warmup`` untimed greedy steps, then ``--steps`` timed single-token
+forwards with explicit positions (the loop ``generate`` runs, without its sampling machinery);
+ms/token is the median step. Compiled variants are compiled (``fullgraph=True, dynamic=False``)
+before the timed rounds, once per thread count (inductor's CPU kernels keep the thread count they
+were built for), and must give the eager variant's tokens (the ``same tokens`` column).
+
+Interleaving: every round runs DynamicCache, then every configuration (order rotated by one each
+round), then DynamicCache again; a configuration's ratio in a round is its tokens/s over the mean of
+that round's two DynamicCache runs, and the table reports the median over ``--rounds``. Results go
+to ``<out>.json`` / ``<out>.md`` after every (context, threads) cell; a cell already there is
+skipped unless ``--force``, so an interrupted run continues where it stopped.
+
+``benchmarks/decode_speed.py`` measures through ``generate`` and runs against two source trees
+(before/after a change); this script is the method x context x threads x compile matrix of #19.
+``--smoke`` runs a tiny random model at 128/256 tokens (to test the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import inspect
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the compresskv command (benchmarks/threads.md)
+
+import torch  # noqa: E402
+from transformers import DynamicCache, StaticCache  # noqa: E402
+
+import compresskv  # noqa: E402
+from compresskv import compat  # noqa: E402
+from compresskv.core.attention import install, uninstall  # noqa: E402
+from compresskv.data import sample_text_path  # noqa: E402
+from compresskv.eval.machine import machine_info  # noqa: E402
+from compresskv.eval.measure import cache_nbytes  # noqa: E402
+from compresskv.eval.methods import MethodBuilder  # noqa: E402
+
+BASELINE = "dynamiccache"
+STATIC = "staticcache+compile"
+COMPILEABLE = ("snapkv", "pyramidkv", "streamingllm", "knorm")  # take decode_tokens=
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", default="1024,4096,8192", help="prompt lengths, comma-separated")
+    p.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated")
+    p.add_argument("--methods", default="snapkv,pyramidkv,streamingllm,knorm,pca,svd,xkv",
+                   help="methods (eager at every ratio; compiled where compileable)")
+    p.add_argument("--ratios", default="0.5,0.75", help="compression ratios")
+    p.add_argument("--compiled", default="snapkv:0.5,snapkv:0.75,pyramidkv:0.75,streamingllm:0.75,knorm:0.75",
+                   help="method:ratio pairs also run compiled ('all': every compileable one; '': none)")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed decode steps before them")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--text", type=Path, default=sample_text_path(), help="prompt text (default: the bundled novel)")
+    p.add_argument("--offset", type=int, default=200_000, help="character offset of the prompt in --text")
+    p.add_argument("--calibration", default=str(sample_text_path()), help="calibration text of pca/matryoshka")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/decode"), help="output stem")
+    p.add_argument("--force", action="store_true", help="re-measure cells already in <out>.json")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, short contexts (tests the script)")
+    return p.parse_args(argv)
+
+
+# -- one measurement -------------------------------------------------------------------------------
+def decode(forward: Any, cache: Any, token: torch.Tensor, start: int, warmup: int, steps: int) -> tuple[float, list[int]]:
+    """Median seconds per greedy single-token step (after ``warmup`` untimed ones) and the tokens."""
+    use_cache_position = "cache_position" in inspect.signature(getattr(forward, "forward", forward)).parameters
+    times, tokens = [], []
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            extra = {"cache_position": torch.tensor([start + i])} if use_cache_position else {}
+            began = time.perf_counter()
+            out = forward(input_ids=token, position_ids=torch.tensor([[start + i]]), use_cache=True,
+                          **compat.cache_kwargs(cache), **extra)
+            token = out.logits[:, -1:].argmax(-1)
+            if i >= warmup:
+                times.append(time.perf_counter() - began)
+            tokens.append(int(token))
+    return statistics.median(times), tokens
+
+
+class Config:
+    """One row: a cache maker, eager or compiled; prefilled once, decoded from copies."""
+
+    def __init__(self, name: str, ratio: float | None, compiled: bool, make: Any) -> None:
+        self.name, self.ratio, self.compiled, self.make = name, ratio, compiled, make
+        self.prefilled: Any = None
+        self.first: torch.Tensor | None = None
+        self.cache_bytes: int | None = None
+
+    @property
+    def key(self) -> str:
+        ratio = "" if self.ratio is None else f"@{self.ratio:g}"
+        return f"{self.name}{ratio}{'+compile' if self.compiled and self.name != STATIC else ''}"
+
+    def attention(self, model: Any) -> None:
+        """transformers' own caches run on the model's own attention, compresskv's on its hook."""
+        if self.name in (BASELINE, STATIC):
+            uninstall(model)
+        else:
+            install(model)
+
+    def prefill(self, model: Any, ids: torch.Tensor) -> float:
+        cache = self.make()
+        self.attention(model)
+        began = time.perf_counter()
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True, **compat.cache_kwargs(cache))
+        seconds = time.perf_counter() - began
+        self.first = out.logits[:, -1:].argmax(-1)
+        self.cache_bytes = cache_nbytes(cache)
+        self.prefilled = cache
+        return seconds
+
+    def measure(self, model: Any, compiled: Any, length: int, args: argparse.Namespace) -> tuple[float, list[int]]:
+        cache = copy.deepcopy(self.prefilled)
+        self.attention(model)
+        return decode(compiled if self.compiled else model, cache, self.first, length, args.warmup, args.steps)
+
+
+def configs(model: Any, builder: MethodBuilder, args: argparse.Namespace, length: int) -> tuple[list[Config], dict[str, str]]:
+    room = args.warmup + args.steps + 8
+    rows = [Config(STATIC, None, True,
+                   lambda: StaticCache(config=model.config, max_cache_len=length + room))]
+    compiled = {(m, float(r)) for m, r in (pair.split(":") for pair in args.compiled.split(",") if pair and args.compiled != "all")}
+    skipped: dict[str, str] = {}
+    for method in [m for m in args.methods.split(",") if m]:
+        why = builder.unusable(method)
+        if why:
+            skipped[method] = why
+            continue
+        for ratio in [float(r) for r in args.ratios.split(",")]:
+            rows.append(Config(method, ratio, False, lambda m=method, r=ratio: builder.build(m, r)))
+            if method in COMPILEABLE and (args.compiled == "all" or (method, ratio) in compiled):
+                rows.append(Config(method, ratio, True, lambda m=method, r=ratio: compresskv.make_cache(
+                    model, m, compression_ratio=r, decode_tokens=room)))
+    return rows, skipped
+
+
+# -- one cell: a context length and a thread count, interleaved rounds --------------------------------
+def run_cell(model: Any, rows: list[Config], base: Config, length: int, threads: int, args: argparse.Namespace,
+             log: Any) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()  # inductor's CPU kernels are built for the thread count at compile time
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    eager_tokens: dict[str, list[int]] = {}
+    compile_s: dict[str, float] = {}
+    for row in rows:
+        began = time.perf_counter()
+        _, tokens = row.measure(model, compiled, length, args)  # compiles a compiled row's step
+        if row.compiled:
+            compile_s[row.key] = time.perf_counter() - began
+        else:
+            eager_tokens[row.key] = tokens
+        log(f"  warm {row.key}: {time.perf_counter() - began:.1f}s")
+    measurements: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        order = rows[r % len(rows):] + rows[: r % len(rows)]
+        for row in [base, *order, base]:
+            seconds, tokens = row.measure(model, compiled, length, args)
+            measurements.append({"round": r, "config": row.key, "ms_per_token": seconds * 1000, "tokens": tokens})
+        log(f"  round {r + 1}/{args.rounds} done")
+    table = []
+    for row in [base, *rows]:
+        ratios, speeds, toks = [], [], None
+        for r in range(args.rounds):
+            mine = [m for m in measurements if m["round"] == r and m["config"] == row.key]
+            bases = [m for m in measurements if m["round"] == r and m["config"] == base.key]
+            base_speed = statistics.mean(1000 / m["ms_per_token"] for m in bases)
+            speed = statistics.mean(1000 / m["ms_per_token"] for m in mine)
+            ratios.append(speed / base_speed)
+            speeds.append(speed)
+            toks = mine[0]["tokens"]
+        eager_key = row.key.removesuffix("+compile")
+        same = None
+        if row.compiled and row.name != STATIC and eager_key in eager_tokens:
+            same = toks == eager_tokens[eager_key]
+        table.append({
+            "config": row.key, "method": row.name, "ratio": row.ratio, "compiled": row.compiled,
+            "tok_s": statistics.median(speeds), "vs_dynamic": statistics.median(ratios),
+            "vs_dynamic_min": min(ratios), "vs_dynamic_max": max(ratios),
+            "ms_per_token": 1000 / statistics.median(speeds), "cache_bytes": row.cache_bytes,
+            "compile_s": compile_s.get(row.key), "same_tokens_as_eager": same,
+        })
+    static = next(t for t in table if t["config"] == STATIC)
+    for t in table:
+        t["vs_static_compile"] = t["tok_s"] / static["tok_s"]
+    return {"context": length, "threads": threads, "table": table, "measurements": measurements}
+
+
+# -- output ---------------------------------------------------------------------------------------
+def _f(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    out = [
+        "# Decode speed: eager and compiled compressed caches vs DynamicCache and StaticCache + compile", "",
+        f"Model {result['model']}, prompt from `{Path(result['config']['text']).name}`, batch 1, greedy; "
+        f"{result['config']['steps']} timed steps after {result['config']['warmup']} untimed, median ms/token; "
+        f"{result['config']['rounds']} interleaved rounds per cell (DynamicCache first and last, the rest rotated). "
+        "*vs Dynamic*: median over rounds of tokens/s over the mean of the round's two DynamicCache runs "
+        "[min–max]; *vs Static+compile*: median tokens/s over StaticCache + compile's in the same cell. "
+        "Compiled rows: `torch.compile(model, fullgraph=True, dynamic=False)`, eviction caches with "
+        "`decode_tokens`; *same tokens*: the compiled row generated the eager row's tokens. Cache MiB: after prefill.",
+        "",
+    ]
+    for cell in result["cells"]:
+        out += [f"## {cell['context']} tokens, {cell['threads']} thread(s)", "",
+                "| config | ms/token | vs Dynamic | [min–max] | vs Static+compile | cache MiB | compile s | same tokens |",
+                "|---|---|---|---|---|---|---|---|"]
+        for t in cell["table"]:
+            mib = None if t["cache_bytes"] is None else t["cache_bytes"] / 2**20
+            same = "–" if t["same_tokens_as_eager"] is None else ("yes" if t["same_tokens_as_eager"] else "**no**")
+            out.append(f"| {t['config']} | {t['ms_per_token']:.1f} | {t['vs_dynamic']:.2f}x | "
+                       f"[{t['vs_dynamic_min']:.2f}–{t['vs_dynamic_max']:.2f}] | {t['vs_static_compile']:.2f}x | "
+                       f"{_f(mib, '.1f')} | {_f(t['compile_s'], '.0f')} | {same} |")
+        out.append("")
+    if result.get("skipped"):
+        out += ["Skipped: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items()), ""]
+    m = result["machine"]
+    out += [f"- Machine: {m.get('processor', '')}, {m.get('cpus', '')} CPUs, load average at the start "
+            f"{m.get('loadavg_1_5_15')}; torch {m.get('torch')}, transformers {m.get('transformers')}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; run {result['date']}",
+            f"- Command: `{result['command']}`", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch._dynamo.config.recompile_limit = 256  # one graph per configuration's shapes
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    if args.smoke:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from conftest import tiny_model
+        from tiny_tokenizer import tiny_tokenizer
+
+        model, tokenizer, name = tiny_model("llama", layers=2, vocab_size=400), tiny_tokenizer(), "tiny random llama"
+    else:
+        model, tokenizer = compresskv.load_model()
+        name = getattr(model.config, "_name_or_path", "") or "embedded model"
+    builder = MethodBuilder(model, tokenizer, args.calibration, [float(r) for r in args.ratios.split(",")], log=log)
+    text = args.text.read_text(encoding="utf-8", errors="replace")[args.offset:]
+    all_ids = tokenizer(text[: max(int(c) for c in args.contexts.split(",")) * 12], add_special_tokens=False).input_ids
+    json_path = Path(str(args.out) + ".json")
+    result: dict[str, Any] = json.loads(json_path.read_text()) if json_path.exists() and not args.force else {}
+    result.update({
+        "model": name, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine_info("cpu"), "transformers": __import__("transformers").__version__,
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    result.setdefault("cells", [])
+    done = {(c["context"], c["threads"]) for c in result["cells"]}
+    threads = [int(t) for t in args.threads.split(",")]
+    for length in [int(c) for c in args.contexts.split(",")]:
+        if all((length, t) in done for t in threads):
+            log(f"{length} tokens: already measured (--force to redo)")
+            continue
+        ids = torch.tensor([all_ids[:length]])
+        torch.set_num_threads(max(threads))
+        rows, skipped = configs(model, builder, args, length)
+        result["skipped"] = skipped
+        base = Config(BASELINE, None, False, lambda: DynamicCache(config=model.config))
+        for row in [base, *rows]:
+            log(f"{length} tokens: prefill {row.key}: {row.prefill(model, ids):.1f}s")
+        for t in threads:
+            if (length, t) in done:
+                continue
+            log(f"{length} tokens, {t} thread(s)")
+            cell = run_cell(model, rows, base, length, t, args, log)
+            result["cells"] = [c for c in result["cells"] if (c["context"], c["threads"]) != (length, t)] + [cell]
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(result, indent=1) + "\n")
+            Path(str(args.out) + ".md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
