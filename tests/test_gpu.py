@@ -373,3 +373,26 @@ def test_model_with_cpu_offloaded_layers(variant):
     """accelerate's usual CPU offload (``from_pretrained(device_map=...)`` with CPU entries):
     layers 2..3 keep their weights on the CPU but run on the GPU, so their caches are on the GPU."""
     run_split(variant, 2, DEVICE, "cpu", run_second_there=False)
+
+
+# -- static, compileable decoding on the device --------------------------------------------------------
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # reduce-overhead: CUDA graphs on a GPU
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv"])
+def test_compiled_static_decoding_gives_the_eager_tokens(method, mode):
+    from transformers import CompileConfig
+
+    model = tiny_model("llama", "sdpa", kv_heads=2).to(DEVICE, torch.bfloat16)
+    ids, mask = batch_inputs(3, length=PROMPT)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+
+    def run(decode_tokens, **extra):
+        cache = compresskv.make_cache(model, method, compression_ratio=0.5, window_size=8, decode_tokens=decode_tokens)
+        return model.generate(input_ids=ids, attention_mask=mask, **kv(cache), max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **extra)
+
+    eager = run(None)
+    torch._dynamo.reset()
+    config = CompileConfig(fullgraph=True, mode=mode)
+    config._compile_all_devices = True  # transformers compiles on GPUs by itself; the CPU dry run needs it
+    for _ in range(2):  # the second generate replays the compiled step with a new cache
+        assert torch.equal(run(NEW_TOKENS, compile_config=config), eager)
