@@ -36,7 +36,7 @@ def test_decode_steps_write_in_place_and_reallocate_only_when_the_room_is_full(m
     assert stored == list(range(stored[0], stored[0] + 40))
     # 48 kept + 40 decoded with room of max(16, stored / 32) tokens: a handful of allocations, not 40
     assert len(set(pointers)) <= 3, len(set(pointers))
-    room = layer._key_room
+    room = layer._rooms["keys"]
     assert layer.keys.data_ptr() == room.data_ptr() and room.shape[-2] > layer.stored()
 
 
@@ -48,7 +48,7 @@ def test_nbytes_counts_the_room_and_stats_report_it_apart():
         pass
     layers = [layer for layer in cache.layers if isinstance(layer, KVLayer)]
     used = sum(layer.keys.numel() * 4 + layer.values.numel() * 4 for layer in layers)  # float32 views
-    held = sum(layer._key_room.numel() * 4 + layer._value_room.numel() * 4 for layer in layers)
+    held = sum(layer._rooms["keys"].numel() * 4 + layer._rooms["values"].numel() * 4 for layer in layers)
     stats = cache.stats()
     assert cache.nbytes() == held > used
     assert stats.room_nbytes == cache.room_nbytes() == held - used
@@ -67,7 +67,7 @@ def test_a_row_operation_frees_the_room():
     assert cache.room_nbytes() > 0
     cache.reorder_cache(torch.tensor([1, 0]))
     assert cache.room_nbytes() == 0
-    assert all(layer._key_room is None for layer in cache.layers if isinstance(layer, KVLayer))
+    assert all("keys" not in layer._rooms for layer in cache.layers if isinstance(layer, KVLayer))
 
 
 @pytest.mark.parametrize("method", ["snapkv", "xkv", "pca"])
@@ -87,3 +87,27 @@ def test_generation_is_unchanged_by_the_room(method):
     seq, logits = greedy(model, ids, mask, compresskv.make_cache(model, method, **options), new_tokens=24)
     assert torch.equal(seq, full_seq) and torch.equal(ref_seq, full_seq)
     assert (logits - full_logits).abs().max().item() <= 1e-4
+
+
+def test_validity_and_projected_latents_are_written_in_place_too():
+    """Under padding the validity grows by a column per step, and a projected cache stores latents:
+    both go into room, so a step allocates neither."""
+    model = tiny_model("llama", layers=2)
+    ids, mask = batch_inputs(3, length=64)
+    snap = compresskv.SnapKVCache(model, compression_ratio=0.5)
+    pca = compresskv.make_cache(model, "pca", projections=compresskv.calibrate(model, ids, seq_len=64, progress=False),
+                                compression_ratio=0.5)
+    for cache in (snap, pca):
+        layer = next(layer for layer in cache.layers if isinstance(layer, KVLayer))
+        pointers = []
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kv(cache))
+            token = out.logits[:, -1:].argmax(-1)
+            for step in range(30):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+                out = model(input_ids=token, attention_mask=mask, use_cache=True, **kv(cache))
+                token = out.logits[:, -1:].argmax(-1)
+                stored = layer.valid if cache is snap else layer.k_latent[0]
+                pointers.append(stored.data_ptr())
+        assert len(set(pointers)) <= 3, (type(cache).__name__, len(set(pointers)))
+        assert cache.room_nbytes() > 0

@@ -47,6 +47,7 @@ class HookedLayer(Protocol):
     stored_before: int
     valid: torch.Tensor | None
     static: bool  # decodes into static buffers under its own mask (compresskv.core.decode)
+    decoding: bool  # a single-token forward followed the prompt
 
     def static_mask(self, query: torch.Tensor, eager: bool) -> torch.Tensor: ...
 
@@ -266,9 +267,15 @@ def _make_attention(base: str) -> Callable[..., Any]:
             if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
                 pad2d = _padding_of(attention_mask)  # a prompt under transformers' own mask (compileable caches)
         layer.check_model(module)
-        new_valid = None
-        if bundle is not None:
-            new_valid = bundle.new_valid(query.shape[-2], device)
+        new_valid, q_len = None, query.shape[-2]
+        if bundle is not None and layer.decoding and (layer.valid is not None or q_len == 1):
+            # Decoding: no check of the new tokens (a host sync per step). With validity held, their
+            # columns are appended as they are; without, a single decoded token is a real token
+            # (generate() makes it so; padding belongs to prompts).
+            if layer.valid is not None and pad2d is not None:
+                new_valid = pad2d[:, -q_len:].to(torch.bool)
+        elif bundle is not None:
+            new_valid = bundle.new_valid(q_len, device)
         elif pad2d is not None:
             new_valid = pad2d if not bool(pad2d.all()) else None
         scaling = kwargs.get("scaling")

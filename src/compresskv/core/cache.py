@@ -84,8 +84,8 @@ class KVLayer(Storage, DecodeStorage, CacheLayerMixin):
             return
         self.stored_before = self.keys.shape[-2]
         if self.prefilled:
-            self.keys = self.write_in_room(self.keys, key_states, "_key_room")
-            self.values = self.write_in_room(self.values, value_states, "_value_room")
+            self.keys = self.write_in_room(self.keys, key_states, "keys")
+            self.values = self.write_in_room(self.values, value_states, "values")
         else:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
@@ -133,7 +133,8 @@ class KVLayer(Storage, DecodeStorage, CacheLayerMixin):
                 new = torch.ones(bsz, q_len, dtype=torch.bool, device=device)
             # Appending columns that agree across heads keeps what row_validity knows about them.
             agree = self._heads_agree if self._valid is not None else True
-            self.valid = torch.cat([old, new[:, None, :].expand(-1, n_kv, -1)], dim=-1)
+            new = new[:, None, :].expand(-1, n_kv, -1)
+            self.valid = self.append_valid(new) if self.prefilled and self._valid is not None else torch.cat([old, new], -1)
             self._heads_agree = agree
         if not self.prefilled:
             self.prefilled = True

@@ -48,8 +48,9 @@ class DecodeStorage:
     _valid: torch.Tensor | None
 
     def init_decode_storage(self) -> None:
-        self._key_room: torch.Tensor | None = None
-        self._value_room: torch.Tensor | None = None
+        # Room tensors by what they extend: an attribute's name ("keys"), (a list attribute's name,
+        # index), or "valid" (the validity, as [..., tokens, 1]); see _stored_for.
+        self._rooms: dict[Any, torch.Tensor] = {}
         self._fill: torch.Tensor | None = None  # static way: slots written (a 0-d long tensor)
         self._fill0 = 0  # slots written when the static way began
         self._seen = 0
@@ -69,18 +70,32 @@ class DecodeStorage:
         self._seen = value
 
     # -- the room way ----------------------------------------------------------------------------
-    def write_in_room(self, stored: torch.Tensor, new: torch.Tensor, name: str) -> torch.Tensor:
-        """``stored`` followed by ``new``, written into the room tensor ``name`` (reallocated,
-        with more room, when ``stored`` is not its prefix or it is full)."""
-        room = getattr(self, name)
+    def write_in_room(self, stored: torch.Tensor, new: torch.Tensor, key: Any) -> torch.Tensor:
+        """``stored`` followed by ``new`` (tokens along dim -2), written into the room of ``key``
+        (reallocated, with more room, when ``stored`` is not its prefix or it is full)."""
+        room = self._rooms.get(key)
         used, n = stored.shape[-2], new.shape[-2]
         if not self._is_prefix(stored, room) or used + n > room.shape[-2]:
             grow = max(self.ROOM_TOKENS, used // 32)
             room = stored.new_empty(*stored.shape[:-2], used + n + grow, stored.shape[-1])
             room[..., :used, :] = stored
-            setattr(self, name, room)
+            self._rooms[key] = room
         room[..., used : used + n, :] = new
         return room[..., : used + n, :]
+
+    def append_valid(self, new: torch.Tensor) -> torch.Tensor:
+        """The validity ``[batch, kv_heads, stored]`` followed by ``new`` columns, in the room way."""
+        return self.write_in_room(self._valid[..., None], new[..., None], "valid")[..., 0]
+
+    def _stored_for(self, key: Any) -> torch.Tensor | None:
+        """What the room of ``key`` extends, as stored now (None when gone)."""
+        if key == "valid":
+            return None if self._valid is None else self._valid[..., None]
+        if isinstance(key, tuple):
+            name, index = key
+            values = getattr(self, name, None) or []
+            return values[index] if index < len(values) else None
+        return getattr(self, key, None)
 
     @staticmethod
     def _is_prefix(stored: torch.Tensor, room: torch.Tensor | None) -> bool:
@@ -90,7 +105,7 @@ class DecodeStorage:
 
     def free_room(self) -> None:
         """Drop the room when the stored tensors are replaced: it must not stay alive unaccounted."""
-        self._key_room = self._value_room = None
+        self._rooms = {}
 
     def room_nbytes(self) -> int:
         """Bytes of preallocated room not (yet) holding tokens: held memory, counted by ``nbytes()``."""
@@ -99,8 +114,8 @@ class DecodeStorage:
             per_slot = tensor_bytes(self.keys, self.values, self._valid) / slots
             return int(per_slot * (slots - int(self._fill)))
         extra = 0
-        for name, stored in (("_key_room", self.keys), ("_value_room", self.values)):
-            room = getattr(self, name)
+        for key, room in self._rooms.items():
+            stored = self._stored_for(key)
             if stored is not None and self._is_prefix(stored, room):
                 extra += tensor_bytes(room) - tensor_bytes(stored)
         return extra

@@ -93,6 +93,16 @@ class RotaryTable:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.scaling, emb.sin() * self.scaling
 
+    def half_table(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``/``sin`` ``[..., d/2]`` for integer ``positions``: the first half of :meth:`table`
+        (its two halves are equal), bit for bit, in ``dtype``."""
+        inv = self.inv_freq().to(device=positions.device, dtype=torch.float32)
+        freqs = positions[..., None].float() * inv
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.scaling != 1.0:
+            cos, sin = cos * self.scaling, sin * self.scaling
+        return cos.to(dtype), sin.to(dtype)
+
     def unrotate(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE keys from rotated ones: ``(k·cos − rotate_half(k)·sin) / scaling²``."""
         out = keys * cos - rotate_half(keys) * sin
@@ -124,6 +134,11 @@ class PrefillPositions(Storage):
         if key not in self._derived:
             self._derived[key] = make()
         return self._derived[key]
+
+    def forget(self, kind: str) -> None:
+        """Drop the derived objects whose key is a tuple starting with ``kind`` (per-forward ones)."""
+        for key in [k for k in self._derived if isinstance(k, tuple) and k and k[0] == kind]:
+            del self._derived[key]
 
     def map_storage(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self._derived.clear()

@@ -28,7 +28,6 @@ import torch
 from ..core.attention import AttentionCall
 from ..core.cache import KVLayer
 from ..core.facts import model_dims, text_config
-from ..core.rope import rotate_half
 from ..core.storage import tensor_bytes
 from ..kernels.xkv_decode import MAX_ROWS, PrefixRope, merge_with_tail, triton_usable, xkv_decode
 from .factors import KEYS_MODES, SVD_SOLVERS, KeysMode, _is_int, _is_number, ranks_for_ratio, truncated_factors
@@ -41,6 +40,24 @@ READ_MODES = ("auto", "latent", "rebuild", "model", "fused")
 #: kernel on CUDA: the rows one kernel launch takes (above it, a long chunk of new tokens, the
 #: kernel would re-read the prefix once per launch).
 FUSED_AUTO_MAX_ROWS = MAX_ROWS
+#: key of the prefix's per-forward RoPE table among the positions' derived objects
+ROPE_HALVES = "rope_halves"
+
+
+#: dtypes whose pre-RoPE keys are rotated as complex numbers on read (complex64/complex128 products)
+PAIRED_DTYPES = (torch.float32, torch.float64)
+
+
+def pair_order(x: torch.Tensor, lead: int, heads: int, dim: int) -> torch.Tensor:
+    """``x [batch, lead, heads·dim]`` or ``[batch, heads, rows, dim]`` (``lead=-1``) with each
+    head's ``dim`` features reordered from rotate-half order ``(k[0..d/2), k[d/2..d))`` to pair
+    order ``(k[0], k[d/2], k[1], k[d/2+1], ...)``, contiguous (a copy)."""
+    half = dim // 2
+    if lead == -1:
+        bsz, _, rows, _ = x.shape
+        return x.reshape(bsz, heads, rows, 2, half).transpose(-1, -2).reshape(bsz, heads, rows, dim)
+    bsz = x.shape[0]
+    return x.view(bsz, lead, heads, 2, half).transpose(-1, -2).reshape(bsz, lead, heads * dim)
 
 
 def latent_is_cheaper(rows: int, rank: int, n_kv: int, dim: int, length: int) -> bool:
@@ -139,21 +156,78 @@ class XKVLayer(_PrefixLayer):
             return mode == "latent"
         return latent_is_cheaper(rows, rank, n_kv, dim, self.prefix_len)
 
+    def _rope_halves(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``/``sin`` of the whole prefix, ``[batch | 1, T, 1, head_dim/2]`` (one half: the two
+        halves of a rotate-half table are equal). Built by the first compressed layer a forward
+        reads and shared by the others; dropped after the last one (:meth:`_read`), so it is a
+        transient of the forward (``T·head_dim`` values), not held between steps."""
+        cache = self.cache
+
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            cos, sin = cache.rope.half_table(cache.positions.get(0, None, device), dtype)
+            return cos[:, :, None].contiguous(), sin[:, :, None].contiguous()
+
+        return cache.positions.derived((ROPE_HALVES, device, dtype), make)
+
+    def _rope_turns(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``cos + i·sin`` of the whole prefix, ``[batch | 1, T, 1, head_dim/2]`` complex: the
+        rotations :meth:`_paired_keys_block` multiplies by. A per-forward transient, like
+        :meth:`_rope_halves`."""
+        cache = self.cache
+
+        def make() -> torch.Tensor:
+            cos, sin = cache.rope.half_table(cache.positions.get(0, None, device), dtype)
+            return torch.complex(cos, sin)[:, :, None].contiguous()
+
+        return cache.positions.derived((ROPE_HALVES, "turns", device, dtype), make)
+
+    def _paired_keys_block(self, start: int, end: int, factor_pairs: torch.Tensor, turns: torch.Tensor,
+                           cost: ReadCost | None) -> torch.Tensor:
+        """The rotated pre-RoPE keys of prefix tokens ``start:end`` with each head's dimensions in
+        pair order (``k[i], k[i + d/2]`` side by side, see :func:`pair_order`), ``[batch, kv_heads,
+        n, head_dim]`` contiguous. ``factor_pairs`` is the key factor with its columns in that order,
+        so the rebuilt block is read as complex numbers and RoPE is one complex product by
+        ``turns`` (:meth:`_rope_turns`): on a CPU half the time of the real-valued rotation."""
+        latent = self._latent("k")
+        bsz, rank = latent.shape[0], latent.shape[-1]
+        n_kv, dim = self.keys.shape[1], self.keys.shape[-1]
+        n = end - start
+        block = latent[:, start:end] @ factor_pairs  # [batch, n, kv_heads·head_dim], pairs side by side
+        if cost is not None:
+            cost.flops += bsz * n * rank * n_kv * dim
+            cost.rebuilt_bytes += tensor_bytes(block)
+        keys = torch.view_as_complex(block.view(bsz, n, n_kv, dim // 2, 2))
+        rotated = torch.empty(bsz, n_kv, n, dim // 2, dtype=keys.dtype, device=keys.device)
+        torch.mul(keys, turns[:, start:end], out=rotated.transpose(1, 2))
+        return torch.view_as_real(rotated).view(bsz, n_kv, n, dim)
+
     def _keys_block(self, start: int, end: int, cost: ReadCost | None) -> torch.Tensor:
         """Rebuilt (and, for pre-RoPE keys, re-rotated) keys of prefix tokens ``start:end``,
-        ``[batch, kv_heads, n, head_dim]``."""
+        ``[batch, kv_heads, n, head_dim]`` (pre-RoPE: contiguous, written head-major by the rotation)."""
         latent, factor = self._latent("k"), self.factor_k
         bsz, rank = latent.shape[0], latent.shape[-1]
         n_kv, dim = self.keys.shape[1], self.keys.shape[-1]
-        block = (latent[:, start:end] @ factor).view(bsz, end - start, n_kv, dim)
-        if self.cache.keys_mode == "pre_rope":
-            cos, sin = self.cache.rope.table(self.cache.positions.get(start, end, factor.device))
-            cos, sin = cos[:, :, None].to(block.dtype), sin[:, :, None].to(block.dtype)
-            block = block * cos + rotate_half(block) * sin
+        n = end - start
+        block = latent[:, start:end] @ factor  # [batch, n, kv_heads·head_dim]
         if cost is not None:
-            cost.flops += bsz * (end - start) * rank * n_kv * dim
+            cost.flops += bsz * n * rank * n_kv * dim
             cost.rebuilt_bytes += tensor_bytes(block)
-        return block.transpose(1, 2)
+        if self.cache.keys_mode != "pre_rope":
+            return block.view(bsz, n, n_kv, dim).transpose(1, 2)
+        # rotate_half RoPE, [k1, k2] -> [k1·cos - k2·sin, k2·cos + k1·sin], written straight into a
+        # head-major block (no rotate_half copy, no concatenation, logits read it contiguously).
+        half = dim // 2
+        cos, sin = self._rope_halves(factor.device, block.dtype)
+        cos, sin = cos[:, start:end], sin[:, start:end]
+        k = block.view(bsz, n, n_kv, 2, half)
+        rotated = torch.empty(bsz, n_kv, n, dim, dtype=block.dtype, device=block.device)
+        out = rotated.view(bsz, n_kv, n, 2, half).transpose(1, 2)
+        k1, k2, o1, o2 = k[..., 0, :], k[..., 1, :], out[..., 0, :], out[..., 1, :]
+        torch.mul(k1, cos, out=o1)
+        o1.addcmul_(k2, sin, value=-1)
+        torch.mul(k2, cos, out=o2)
+        o2.addcmul_(k1, sin)
+        return rotated
 
     def _values_block(self, start: int, end: int, cost: ReadCost | None) -> torch.Tensor:
         latent, factor = self._latent("v"), self.factor_v
@@ -176,15 +250,30 @@ class XKVLayer(_PrefixLayer):
                 cost.flops += bsz * n_kv * rows * rank * (dim + length)
             return logits
         chunk = self.cache.read_chunk
+        # Pre-RoPE keys in fp32/fp64: rotate them as complex numbers, the factor's columns and the
+        # query's dimensions put in pair order (a logit is a dot product: the same in any order).
+        paired = self.cache.keys_mode == "pre_rope" and latent.dtype in PAIRED_DTYPES and qg.dtype == latent.dtype
+        if paired:
+            factor_pairs = pair_order(factor, rank, n_kv, dim)
+            qg = pair_order(qg, -1, rows, dim)
+            turns = self._rope_turns(factor.device, latent.dtype)
         pieces = []
         for start in range(0, length, chunk):
             end = min(start + chunk, length)
-            block = self._keys_block(start, end, cost)
+            if paired:
+                block = self._paired_keys_block(start, end, factor_pairs, turns, cost)
+            else:
+                block = self._keys_block(start, end, cost)
             pieces.append(qg @ block.transpose(-1, -2))
             if cost is not None:
-                cost.transient_bytes = max(cost.transient_bytes, 2 * tensor_bytes(block))
+                table = 0
+                if paired:
+                    table = tensor_bytes(turns)
+                elif self.cache.keys_mode == "pre_rope":
+                    table = tensor_bytes(*self._rope_halves(factor.device, block.dtype))
+                cost.transient_bytes = max(cost.transient_bytes, 2 * tensor_bytes(block) + table)
                 cost.flops += bsz * n_kv * rows * (end - start) * dim
-        return torch.cat(pieces, dim=-1)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
     def prefix_output(self, probs: torch.Tensor, cost: ReadCost | None = None) -> torch.Tensor:
         latent, factor = self._latent("v"), self.factor_v
@@ -192,7 +281,9 @@ class XKVLayer(_PrefixLayer):
         _, n_kv, rows, _ = probs.shape
         dim = self.values.shape[-1]
         if self._use_latent(rows, rank, n_kv, dim):
-            mixed = probs @ latent[:, None]
+            # One product for all heads' rows (the latent is shared by the heads): the latent is
+            # read once, not once per KV head as a batched matmul over a broadcast latent would.
+            mixed = (probs.reshape(bsz, n_kv * rows, length) @ latent).view(bsz, n_kv, rows, rank)
             if cost is not None:
                 cost.flops += bsz * n_kv * rows * rank * (length + dim)
             return mixed @ factor.view(bsz, rank, n_kv, dim).transpose(1, 2)
@@ -262,6 +353,13 @@ class XKVLayer(_PrefixLayer):
             cost.transient_bytes = max(cost.transient_bytes, info["workspace_bytes"])
         out = out.reshape(bsz, n_q, q_len, dim).transpose(1, 2).contiguous()
         return out, None
+
+    def _read(self, call: AttentionCall, fn: Any, cost: ReadCost | None) -> tuple[torch.Tensor, Any]:
+        try:
+            return super()._read(call, fn, cost)
+        finally:
+            if self.cache.last_prefix_layer() is self:  # the forward's last compressed layer
+                self.cache.positions.forget(ROPE_HALVES)
 
     def rebuild_prefix(self, cost: ReadCost | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         length = self.prefix_len
@@ -428,6 +526,13 @@ class XKVCache(_GroupedCache):
             return PrefixRope(to(rope.inv_freq()), to(pos.offsets), to(pos.table), rope.scaling)
 
         return pos.derived(("prefix_rope", device), make)
+
+    def last_prefix_layer(self) -> KVLayer | None:
+        """The last layer (in model order) whose prompt is compressed: the last a forward reads."""
+        for layer in reversed(self.layers):
+            if isinstance(layer, _PrefixLayer):
+                return layer
+        return None
 
     def _prefilled(self, layer: _PrefixLayer, call: AttentionCall) -> None:
         if self.keys_mode == "pre_rope" and not self.positions.is_set:

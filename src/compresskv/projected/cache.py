@@ -211,8 +211,12 @@ class ProjectedLayer(KVLayer):
         f = self.factors
         new_k = self._project(keys, f.mu_k, f.k_groups)
         new_v = self._project(values, f.mu_v, f.v_groups)
-        self.k_latent = [torch.cat([old, new], dim=-2) for old, new in zip(self.k_latent, new_k)]
-        self.v_latent = [torch.cat([old, new], dim=-2) for old, new in zip(self.v_latent, new_v)]
+        if self.prefilled:  # decode: written in place into room (compresskv.core.decode)
+            self.k_latent = [self.write_in_room(old, new, ("k_latent", i)) for i, (old, new) in enumerate(zip(self.k_latent, new_k))]
+            self.v_latent = [self.write_in_room(old, new, ("v_latent", i)) for i, (old, new) in enumerate(zip(self.v_latent, new_v))]
+        else:
+            self.k_latent = [torch.cat([old, new], dim=-2) for old, new in zip(self.k_latent, new_k)]
+            self.v_latent = [torch.cat([old, new], dim=-2) for old, new in zip(self.v_latent, new_v)]
 
     def keep(self, index: torch.Tensor) -> None:  # pragma: no cover - no eviction here
         raise RuntimeError("compresskv: a projected cache keeps every token; it does not evict.")
