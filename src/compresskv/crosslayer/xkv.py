@@ -13,7 +13,10 @@ Reading: values are never rebuilt: ``softmax · V = (softmax · latent) · facto
 not rebuilt either: ``q · Kᵀ = (q · factorᵀ) · latentᵀ``. Pre-RoPE keys must be rotated at their own
 positions, which does not commute with the factorisation, so each layer rebuilds its keys once per
 forward, in blocks of :attr:`XKVCache.read_chunk` tokens (transient), re-rotates them with the
-model's rotary embedding, and takes the logits block by block. Whichever of the latent and the
+model's rotary embedding, and takes the logits block by block. Off the fused kernel (the CPU), fp32/fp64
+keys are rebuilt with the factor's columns in pair order and rotated as complex numbers (one
+product by ``cos + i·sin``), and the prefix's RoPE table is computed once per forward, shared by
+the layers and dropped after the last one (a transient, not held between steps). Whichever of the latent and the
 rebuilt form costs fewer multiply-adds is used (``read_mode="auto"``; :func:`latent_is_cheaper`),
 or on CUDA the fused kernel (:mod:`compresskv.kernels.xkv_decode`). With ``profile=True`` the costs
 of every read are kept and reported by :meth:`XKVCache.stats`.
@@ -255,7 +258,7 @@ class XKVLayer(_PrefixLayer):
         paired = self.cache.keys_mode == "pre_rope" and latent.dtype in PAIRED_DTYPES and qg.dtype == latent.dtype
         if paired:
             factor_pairs = pair_order(factor, rank, n_kv, dim)
-            qg = pair_order(qg, -1, rows, dim)
+            qg = pair_order(qg, -1, n_kv, dim)
             turns = self._rope_turns(factor.device, latent.dtype)
         pieces = []
         for start in range(0, length, chunk):
