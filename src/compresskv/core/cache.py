@@ -113,6 +113,9 @@ class KVLayer(Storage, DecodeStorage, CacheLayerMixin):
         the model passed (``call.key``/``call.value``) under the layer's mask ``call.mask``; a
         layer that stores a latent form can override this to attend in the latent space instead
         (and then need not build the mask)."""
+        plain = not call.kwargs.get("softcap") and call.kwargs.get("position_bias") is None
+        if self.static and call.base == "sdpa" and call.query.shape[-2] == 1 and plain:
+            return self.static_sdpa(call.query, call.key, call.value, call.scaling), None
         return fn(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
 
     def after_attention(self, call: AttentionCall) -> None:

@@ -198,6 +198,19 @@ class DecodeStorage:
             mask = torch.where(mask, zero, torch.finfo(query.dtype).min)
         return mask
 
+    def static_sdpa(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One decoded token's attention over the static buffers, ``[batch, 1, q_heads, d]``: the query
+        heads of each KV head are taken as that head's rows (no ``repeat_kv`` copy of the buffers,
+        which transformers' sdpa path makes under torch.compile when there is a mask), and the mask,
+        one row per batch row or KV head, broadcasts over them."""
+        bsz, n_q, _, dim = query.shape
+        n_kv = keys.shape[1]
+        rows = query.reshape(bsz, n_kv, n_q // n_kv, dim)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            rows, keys, values, attn_mask=self._valid[:, :, None, :], scale=scaling
+        )
+        return out.reshape(bsz, n_q, 1, values.shape[-1]).transpose(1, 2).contiguous()
+
     def static_moved(self) -> None:
         """After a row operation or a device move of the static buffers: the counter follows them,
         and the new tensors are marked static again."""

@@ -309,13 +309,18 @@ class ProjectedLayer(KVLayer):
         rows = groups * q_len
         q = query.reshape(bsz, n_kv, rows, dim)  # query head h·G+g → (KV head h, row g·q_len+i)
 
-        old = [torch.matmul(torch.matmul(_select(q, g), g.proj), z.transpose(-1, -2))
+        # Per step the work over the stored tokens is what counts: the scaling goes into the
+        # projected query, and q·μ_k, the same for every stored key of a row, is taken off the new
+        # tokens' logits instead of added to every stored one (softmax ignores a common shift).
+        old = [torch.matmul(torch.matmul(_select(q, g), g.proj).mul_(call.scaling), z.transpose(-1, -2))
                for g, z in zip(f.k_groups, self.k_latent)]
-        old_logits = _assemble(old, f.k_inverse) + torch.matmul(q, f.mu_k[None, :, :, None])
-        if self.sink_k is not None:  # the sink tokens' logits at full precision
+        old_logits = _assemble(old, f.k_inverse).float()
+        shift = torch.matmul(q, f.mu_k[None, :, :, None]).float().mul_(call.scaling)  # [b, kv, rows, 1]
+        if self.sink_k is not None:  # the sink tokens' logits at full precision, shifted alike
             sink_at = self.sink_index[:, None, None, :].expand(bsz, n_kv, rows, -1)
-            old_logits = old_logits.scatter(-1, sink_at, torch.matmul(q, self.sink_k.transpose(-1, -2)))
-        logits = torch.cat([old_logits.float().mul_(call.scaling), self._new_logits(q, call, groups)], dim=-1)
+            sink = torch.matmul(q, self.sink_k.transpose(-1, -2)).float().mul_(call.scaling) - shift
+            old_logits = old_logits.scatter(-1, sink_at, sink)
+        logits = torch.cat([old_logits, self._new_logits(q, call, groups) - shift], dim=-1)
         if self.valid is not None:  # in place, broadcast over the rows: no [.., rows, stored] boolean built
             logits[..., :stored].masked_fill_(~self.valid[:, :, None, :stored], torch.finfo(logits.dtype).min)
         probs = logits.softmax(dim=-1).to(new_v.dtype)
@@ -324,7 +329,7 @@ class ProjectedLayer(KVLayer):
         parts = [torch.matmul(torch.matmul(_select(p_old, g), z), g.proj.transpose(-1, -2))
                  for g, z in zip(f.v_groups, self.v_latent)]
         out = _assemble(parts, f.v_inverse)
-        out = out + p_old.sum(dim=-1, keepdim=True) * f.mu_v[None, :, None, :]
+        out = out + (1 - p_new.sum(dim=-1, keepdim=True)) * f.mu_v[None, :, None, :]  # Σ p_old, from the few new
         out = out + torch.matmul(p_new, new_v)
         if self.sink_v is not None:  # their values at full precision: add what the projection lost
             error = self.sink_v - self._sink_reconstruction("v")
