@@ -319,8 +319,11 @@ class SnapKVCache(_SnapScoring):
         pooling: ``"maxpool"`` or ``"avgpool"``.
         **kwargs: :class:`EvictionCache`'s ``budget`` (tokens kept per layer and KV head, window
             included; must exceed ``window_size``), ``compression_ratio`` (instead of ``budget``,
-            the fraction of prompt tokens evicted, in [0, 1)) and ``window_size`` (recent prompt
-            tokens whose queries score the rest, always kept; default 32).
+            the fraction of prompt tokens evicted, in [0, 1)), ``window_size`` (recent prompt
+            tokens whose queries score the rest, always kept; default 32) and ``decode_tokens``
+            (room for that many decoded tokens made right after compression, for static decoding:
+            the cache is then compileable, for ``torch.compile`` / ``generate(compile_config=...)``;
+            see :mod:`compresskv.core.decode`).
     """
 
     method = "snapkv"
@@ -357,7 +360,9 @@ class StreamingLLMCache(EvictionCache):
         sink: attention-sink tokens kept at the start.
         window: recent tokens kept (total kept = ``sink + window``); or give ``budget`` (total
             kept, more than ``sink``) or ``compression_ratio`` (fraction evicted, in [0, 1))
-            instead. A ratio that would leave fewer than ``sink + 1`` tokens of a prompt keeps
+            instead.
+        decode_tokens: room for that many decoded tokens, for static, compileable decoding (as
+            :class:`SnapKVCache`). A ratio that would leave fewer than ``sink + 1`` tokens of a prompt keeps
             ``sink + 1``: the sinks and the most recent token.
     """
 
