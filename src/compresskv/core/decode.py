@@ -1,6 +1,6 @@
 """Where a layer's decoded tokens go: room written in place, or static buffers for torch.compile.
 
-Two ways, both behind :meth:`DecodeStorage.append_decoded`:
+Two ways (``KVLayer.append`` picks the layer's):
 
 - **Room** (the default): after the prompt, new tokens are written into preallocated room behind
   the stored ones, grown by ``max(16 tokens, 1/32 of the stored)`` when full, so a step copies its

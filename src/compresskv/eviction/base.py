@@ -360,10 +360,10 @@ class StreamingLLMCache(EvictionCache):
         sink: attention-sink tokens kept at the start.
         window: recent tokens kept (total kept = ``sink + window``); or give ``budget`` (total
             kept, more than ``sink``) or ``compression_ratio`` (fraction evicted, in [0, 1))
-            instead.
-        decode_tokens: room for that many decoded tokens, for static, compileable decoding (as
-            :class:`SnapKVCache`). A ratio that would leave fewer than ``sink + 1`` tokens of a prompt keeps
+            instead. A ratio that would leave fewer than ``sink + 1`` tokens of a prompt keeps
             ``sink + 1``: the sinks and the most recent token.
+        decode_tokens: room for that many decoded tokens, for static, compileable decoding (as
+            :class:`SnapKVCache`).
     """
 
     method = "streamingllm"
