@@ -6,7 +6,7 @@ For each context length (``--contexts``) and thread count (``--threads``), one i
 - ``staticcache+compile``: transformers' ``StaticCache`` with ``torch.compile``'d decode steps,
   transformers' fastest path;
 - every method at every ``--ratios`` value, eager, and compiled where the cache is compileable (the
-  eviction caches with ``decode_tokens``; the others are not, and say so).
+  eviction and projected caches with ``decode_tokens``; the others are not).
 
 One measurement: a prompt of ``L`` real-text tokens is prefilled once per configuration (eagerly,
 with every thread), and each measurement decodes from a copy of that prefilled cache
@@ -24,7 +24,9 @@ skipped unless ``--force``, so an interrupted run continues where it stopped.
 
 ``benchmarks/decode_speed.py`` measures through ``generate`` and runs against two source trees
 (before/after a change); this script is the method x context x threads x compile matrix of #19.
-``--smoke`` runs a tiny random model at 128/256 tokens (to test the script itself).
+``--smoke`` runs a tiny random model at 128/256 tokens (to test the script itself). ``--device cuda``
+times on a GPU (bf16 by default; compiled rows with CUDA graphs, ``mode="reduce-overhead"``; each
+step synchronised before its clock stops).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from compresskv.eval.methods import MethodBuilder  # noqa: E402
 
 BASELINE = "dynamiccache"
 STATIC = "staticcache+compile"
-COMPILEABLE = ("snapkv", "pyramidkv", "streamingllm", "knorm")  # take decode_tokens=
+COMPILEABLE = ("snapkv", "pyramidkv", "streamingllm", "knorm", "pca", "matryoshka")  # take decode_tokens=
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default="snapkv,pyramidkv,streamingllm,knorm,pca,svd,xkv",
                    help="methods (eager at every ratio; compiled where compileable)")
     p.add_argument("--ratios", default="0.5,0.75", help="compression ratios")
-    p.add_argument("--compiled", default="snapkv:0.5,snapkv:0.75,pyramidkv:0.75,streamingllm:0.75,knorm:0.75",
+    p.add_argument("--compiled", default="snapkv:0.5,snapkv:0.75,pyramidkv:0.75,streamingllm:0.75,knorm:0.75,pca:0.5,pca:0.75",
                    help="method:ratio pairs also run compiled ('all': every compileable one; '': none)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps before them")
@@ -78,7 +80,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/decode"), help="output stem")
     p.add_argument("--force", action="store_true", help="re-measure cells already in <out>.json")
     p.add_argument("--smoke", action="store_true", help="tiny random model, short contexts (tests the script)")
-    return p.parse_args(argv)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: bf16, CUDA graphs, --threads ignored)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.device != "cpu":
+        args.threads = "1"  # one cell per context: the CPU thread count is not what is measured
+    return args
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # -- one measurement -------------------------------------------------------------------------------
@@ -86,13 +100,16 @@ def decode(forward: Any, cache: Any, token: torch.Tensor, start: int, warmup: in
     """Median seconds per greedy single-token step (after ``warmup`` untimed ones) and the tokens."""
     use_cache_position = "cache_position" in inspect.signature(getattr(forward, "forward", forward)).parameters
     times, tokens = [], []
+    device = token.device
     with torch.no_grad():
         for i in range(warmup + steps):
-            extra = {"cache_position": torch.tensor([start + i])} if use_cache_position else {}
+            extra = {"cache_position": torch.tensor([start + i], device=device)} if use_cache_position else {}
+            _sync(device)
             began = time.perf_counter()
-            out = forward(input_ids=token, position_ids=torch.tensor([[start + i]]), use_cache=True,
+            out = forward(input_ids=token, position_ids=torch.tensor([[start + i]], device=device), use_cache=True,
                           **compat.cache_kwargs(cache), **extra)
             token = out.logits[:, -1:].argmax(-1)
+            _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - began)
             tokens.append(int(token))
@@ -152,8 +169,7 @@ def configs(model: Any, builder: MethodBuilder, args: argparse.Namespace, length
         for ratio in [float(r) for r in args.ratios.split(",")]:
             rows.append(Config(method, ratio, False, lambda m=method, r=ratio: builder.build(m, r)))
             if method in COMPILEABLE and (args.compiled == "all" or (method, ratio) in compiled):
-                rows.append(Config(method, ratio, True, lambda m=method, r=ratio: compresskv.make_cache(
-                    model, m, compression_ratio=r, decode_tokens=room)))
+                rows.append(Config(method, ratio, True, lambda m=method, r=ratio: builder.build(m, r, decode_tokens=room)))
     return rows, skipped
 
 
@@ -162,7 +178,9 @@ def run_cell(model: Any, rows: list[Config], base: Config, length: int, threads:
              log: Any) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch._dynamo.reset()  # inductor's CPU kernels are built for the thread count at compile time
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    # on CUDA, CUDA graphs (what generate's compile_config uses there); the caches' buffers keep their addresses
+    mode = "reduce-overhead" if args.device != "cpu" else "default"
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
     eager_tokens: dict[str, list[int]] = {}
     compile_s: dict[str, float] = {}
     for row in rows:
@@ -216,12 +234,13 @@ def _f(value: Any, spec: str) -> str:
 def markdown(result: dict[str, Any]) -> str:
     out = [
         "# Decode speed: eager and compiled compressed caches vs DynamicCache and StaticCache + compile", "",
-        f"Model {result['model']}, prompt from `{Path(result['config']['text']).name}`, batch 1, greedy; "
+        f"Model {result['model']} ({result['config'].get('device', 'cpu')}, {result['config'].get('dtype', 'float32')}), "
+        f"prompt from `{Path(result['config']['text']).name}`, batch 1, greedy; "
         f"{result['config']['steps']} timed steps after {result['config']['warmup']} untimed, median ms/token; "
         f"{result['config']['rounds']} interleaved rounds per cell (DynamicCache first and last, the rest rotated). "
         "*vs Dynamic*: median over rounds of tokens/s over the mean of the round's two DynamicCache runs "
         "[min–max]; *vs Static+compile*: median tokens/s over StaticCache + compile's in the same cell. "
-        "Compiled rows: `torch.compile(model, fullgraph=True, dynamic=False)`, eviction caches with "
+        "Compiled rows: `torch.compile(model, fullgraph=True, dynamic=False)`, eviction and projected caches with "
         "`decode_tokens`; *same tokens*: the compiled row generated the eager row's tokens. Cache MiB: after prefill.",
         "",
     ]
@@ -260,8 +279,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from tiny_tokenizer import tiny_tokenizer
 
         model, tokenizer, name = tiny_model("llama", layers=2, vocab_size=400), tiny_tokenizer(), "tiny random llama"
+        model.to(device=args.device, dtype=getattr(torch, args.dtype))
     else:
-        model, tokenizer = compresskv.load_model()
+        model, tokenizer = compresskv.load_model(dtype=getattr(torch, args.dtype), device=args.device)
         name = getattr(model.config, "_name_or_path", "") or "embedded model"
     builder = MethodBuilder(model, tokenizer, args.calibration, [float(r) for r in args.ratios.split(",")], log=log)
     text = args.text.read_text(encoding="utf-8", errors="replace")[args.offset:]
@@ -270,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(json_path.read_text()) if json_path.exists() and not args.force else {}
     result.update({
         "model": name, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": machine_info("cpu"), "transformers": __import__("transformers").__version__,
+        "machine": machine_info(args.device), "transformers": __import__("transformers").__version__,
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
@@ -281,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if all((length, t) in done for t in threads):
             log(f"{length} tokens: already measured (--force to redo)")
             continue
-        ids = torch.tensor([all_ids[:length]])
+        ids = torch.tensor([all_ids[:length]], device=args.device)
         torch.set_num_threads(max(threads))
         rows, skipped = configs(model, builder, args, length)
         result["skipped"] = skipped

@@ -246,7 +246,8 @@ def test_matryoshka_fused_equals_the_explicit_reference_on_real_calls(monkeypatc
     options = dict(rank=6) if ranks == "uniform" else dict(ranks=paired_ranks(p, [6, 4], [6, 4]))
     check = FusedCheck(monkeypatch)
     ids, mask = batch_inputs(3)
-    cache = compresskv.MatryoshkaKVCache(model, p, read_mode="latent", **options)  # on CPU: explicit, checked
+    monkeypatch.setattr(ProjectedLayer, "fused_devices", ())  # run the checked explicit path
+    cache = compresskv.MatryoshkaKVCache(model, p, read_mode="latent", **options)
     chunked_run(model, cache, ids, mask)
     assert cache.layers[0].factors.paired and cache.layers[0].valid is not None  # left padding stored
     assert check.ran == 4 * 6 and check.declined == 0  # 4 layers × (2 chunks over a prefix + 4 steps)
@@ -260,7 +261,7 @@ def test_matryoshka_full_rank_generate_through_the_fused_path_matches_dynamic_ca
     p = projections(model)
     ids, mask = batch_inputs(batch)
     ref_seq, ref_logits = greedy(model, ids, mask, dynamic(model))
-    monkeypatch.setattr(ProjectedLayer, "fused_devices", ("cuda", "cpu"))
+    monkeypatch.setattr(ProjectedLayer, "fused_cpu_threads", 1)  # fused on CPU, with any thread count
     ran = []
     real = ProjectedLayer.projected_attention_sdpa
     monkeypatch.setattr(ProjectedLayer, "projected_attention_sdpa",
@@ -285,7 +286,7 @@ def test_matryoshka_falls_back_to_the_explicit_path(monkeypatch, case):
         "sink-tokens": dict(rank=6, sink_tokens=2),
         "explicit-mode": dict(rank=6),
     }[case]
-    monkeypatch.setattr(ProjectedLayer, "fused_devices", ("cuda", "cpu"))
+    monkeypatch.setattr(ProjectedLayer, "fused_cpu_threads", 1)  # fused on CPU, with any thread count
     fused = []
     real = ProjectedLayer.projected_attention_sdpa
     monkeypatch.setattr(ProjectedLayer, "projected_attention_sdpa",
@@ -413,3 +414,21 @@ def test_gpu_matryoshka_fused_matches_the_reference(monkeypatch, dtype, batch):
         chunked_run(model, compresskv.MatryoshkaKVCache(model, p, **options), ids, mask)
     assert check.declined == 0 and check.ran == 3 * 4 * 6
     assert check.worst <= tol * max(1.0, check.scale)
+
+
+@pytest.mark.parametrize("threads, fused", [(1, False), (2, True)])
+def test_matryoshka_on_cpu_reads_fused_only_with_a_thread_pool(monkeypatch, threads, fused):
+    """On CPU the fused read runs with 2+ threads (one parallel region against the explicit path's
+    three), the explicit one with 1 (its GEMMs are faster there); both give the reference's tokens."""
+    torch.set_num_threads(threads)
+    model = tiny_model("llama", "sdpa")
+    p = projections(model)
+    ran = {"fused": 0, "explicit": 0}
+    for name, key in (("projected_attention_sdpa", "fused"), ("projected_attention", "explicit")):
+        real = getattr(ProjectedLayer, name)
+        monkeypatch.setattr(ProjectedLayer, name, lambda layer, call, real=real, key=key: ran.__setitem__(key, ran[key] + 1) or real(layer, call))
+    ids, mask = batch_inputs(3)
+    seq, logits = greedy(model, ids, mask, compresskv.MatryoshkaKVCache(model, p, rank=6))
+    assert (ran["fused"] > 0) == fused and (ran["explicit"] > 0) != fused
+    ref = greedy(model, ids, mask, compresskv.MatryoshkaKVCache(model, p, rank=6, read_mode="model"))
+    assert torch.equal(seq, ref[0]) and (logits - ref[1]).abs().max().item() <= 1e-4

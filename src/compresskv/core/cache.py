@@ -208,7 +208,7 @@ class KVLayer(Storage, DecodeStorage, CacheLayerMixin):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.static:
-            return self.keys.shape[-2], 0  # the whole buffers are attended (under the layer's own mask)
+            return self._valid.shape[-1], 0  # the whole buffers are attended (under the layer's own mask)
         stored = self.stored()
         return stored + query_length, self.seen - stored
 
@@ -351,6 +351,13 @@ class CompressedCache(Cache):
 
     def __init__(self, model: torch.nn.Module) -> None:
         refuse_mla(model, type(self).__name__)  # before switching the model's attention
+        decode_tokens = self.decode_tokens
+        if decode_tokens is not None and (isinstance(decode_tokens, bool) or not isinstance(decode_tokens, int)
+                                          or decode_tokens < 1):
+            raise ValueError(
+                f"{type(self).__name__}: decode_tokens (room for this many decoded tokens, for static, "
+                f"compileable decoding) must be an int >= 1 or None, got {decode_tokens!r}."
+            )
         self.base_attention = _attention.install(model)
         if self.decode_tokens is not None and self.base_attention not in ("sdpa", "eager"):
             raise ValueError(

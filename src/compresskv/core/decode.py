@@ -87,6 +87,19 @@ class DecodeStorage:
         """The validity ``[batch, kv_heads, stored]`` followed by ``new`` columns, in the room way."""
         return self.write_in_room(self._valid[..., None], new[..., None], "valid")[..., 0]
 
+    def static_keys(self) -> list[Any]:
+        """The tensors holding tokens (along dim -2) that the static way turns into buffers, named as
+        room keys are (see :meth:`_stored_for`): ``keys`` and ``values`` here; a layer storing other
+        tensors (the projected caches' latents) names those."""
+        return ["keys", "values"]
+
+    def _put(self, key: Any, tensor: torch.Tensor) -> None:
+        """Set what ``key`` names (see :meth:`_stored_for`)."""
+        if isinstance(key, tuple):
+            getattr(self, key[0])[key[1]] = tensor
+        else:
+            setattr(self, key, tensor)
+
     def _stored_for(self, key: Any) -> torch.Tensor | None:
         """What the room of ``key`` extends, as stored now (None when gone)."""
         if key == "valid":
@@ -110,8 +123,8 @@ class DecodeStorage:
     def room_nbytes(self) -> int:
         """Bytes of preallocated room not (yet) holding tokens: held memory, counted by ``nbytes()``."""
         if self._fill is not None:
-            slots = self.keys.shape[-2]
-            per_slot = tensor_bytes(self.keys, self.values, self._valid) / slots
+            slots = self._valid.shape[-1]
+            per_slot = tensor_bytes(*[self._stored_for(k) for k in self.static_keys()], self._valid) / slots
             return int(per_slot * (slots - int(self._fill)))
         extra = 0
         for key, room in self._rooms.items():
@@ -132,32 +145,39 @@ class DecodeStorage:
 
     def begin_static(self) -> None:
         """Move the stored tokens into buffers with ``decode_tokens`` slots more (after compression)."""
-        keys, values, valid = self.keys, self.values, self._valid
-        b, h, n, _ = keys.shape
+        valid = self._valid
+        first = self._stored_for(self.static_keys()[0])
+        b, n, device = first.shape[0], first.shape[-2], first.device
+        h = self.expected[1] if self.expected is not None else first.shape[1]
         slots = n + self.decode_tokens
         self.free_room()
-        self.keys = keys.new_zeros(b, h, slots, keys.shape[-1])
-        self.values = values.new_zeros(b, h, slots, values.shape[-1])
-        self.keys[:, :, :n] = keys
-        self.values[:, :, :n] = values
+        for key in self.static_keys():
+            stored = self._stored_for(key)
+            buf = stored.new_zeros(*stored.shape[:-2], slots, stored.shape[-1])
+            buf[..., :n, :] = stored
+            self._put(key, buf)
         # One validity row per row of the batch when every head keeps the same slots valid (the
         # mask then broadcasts over heads), else one per KV head.
         if valid is not None and not bool((valid == valid[:, :1]).all()):
-            buf = torch.zeros(b, h, slots, dtype=torch.bool, device=keys.device)
+            buf = torch.zeros(b, h, slots, dtype=torch.bool, device=device)
         else:
-            buf = torch.zeros(b, 1, slots, dtype=torch.bool, device=keys.device)
+            buf = torch.zeros(b, 1, slots, dtype=torch.bool, device=device)
         buf[..., :n] = True if valid is None else valid[:, : buf.shape[1]]
         seen = self._seen
         self._valid = buf
         self._heads_agree = buf.shape[1] == 1
-        self._fill = torch.tensor(n, device=keys.device)
+        self._fill = torch.tensor(n, device=device)
         self._fill0, self._seen0 = n, seen
-        _mark_static(self.keys, self.values, self._valid, self._fill)
+        self._mark_static_buffers()
 
-    def write_static(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Write new tokens at ``_fill`` in place (no host sync and no new Python state when compiled;
-        eagerly, a full buffer grows and a second piece of the prompt is refused)."""
-        n = key_states.shape[-2]
+    def _mark_static_buffers(self) -> None:
+        _mark_static(*[self._stored_for(k) for k in self.static_keys()], self._valid, self._fill)
+
+    def write_static(self, *new: torch.Tensor) -> None:
+        """Write new tokens at ``_fill`` in place, one tensor per :meth:`static_keys` (no host sync
+        and no new Python state when compiled; eagerly, a full buffer grows and a second piece of
+        the prompt is refused)."""
+        n = new[0].shape[-2]
         if not torch.compiler.is_compiling():
             filled = int(self._fill)
             if n > 1 and filled == self._fill0:
@@ -167,20 +187,22 @@ class DecodeStorage:
                     "generate(prefill_chunk_size=...)) is not supported. Send the prompt in one forward, or build "
                     "the cache without decode_tokens."
                 )
-            if filled + n > self.keys.shape[-2]:
-                self._grow(filled + n + self.decode_tokens - self.keys.shape[-2])
+            if filled + n > self._valid.shape[-1]:
+                self._grow(filled + n + self.decode_tokens - self._valid.shape[-1])
         index = self._fill + torch.arange(n, device=self._fill.device)
-        self.keys.index_copy_(2, index, key_states)
-        self.values.index_copy_(2, index, value_states)
+        for key, tokens in zip(self.static_keys(), new):
+            self._stored_for(key).index_copy_(-2, index, tokens)
         self._valid.index_fill_(2, index, True)  # decoded tokens are real
         self._fill.add_(n)
 
     def _grow(self, more: int) -> None:
         """Add ``more`` slots to the static buffers (eager only: under torch.compile this changes
         shapes, so the next step compiles again; decode_tokens should cover the generation)."""
-        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], more, *t.shape[3:])], dim=2)  # noqa: E731
-        self.keys, self.values, self._valid = pad(self.keys), pad(self.values), pad(self._valid)
-        _mark_static(self.keys, self.values, self._valid)
+        for key in self.static_keys():
+            t = self._stored_for(key)
+            self._put(key, torch.cat([t, t.new_zeros(*t.shape[:-2], more, t.shape[-1])], dim=-2))
+        self._valid = torch.cat([self._valid, self._valid.new_zeros(*self._valid.shape[:-1], more)], dim=-1)
+        self._mark_static_buffers()
 
     def static_mask(self, query: torch.Tensor, eager: bool) -> torch.Tensor:
         """The static way's mask, ``[batch, 1 or q_heads, q_len, slots]``: written valid slots, causal
@@ -215,8 +237,8 @@ class DecodeStorage:
         """After a row operation or a device move of the static buffers: the counter follows them,
         and the new tensors are marked static again."""
         if self._fill is not None:
-            self._fill = self._fill.to(self.keys.device)
-            _mark_static(self.keys, self.values, self._valid, self._fill)
+            self._fill = self._fill.to(self._valid.device)
+            self._mark_static_buffers()
 
     def end_static(self) -> None:
         """Leave the static way (reset)."""

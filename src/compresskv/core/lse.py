@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .ops import small_matmul, small_softmax
+
 _FUSED: dict[tuple[Any, ...], tuple[bool, bool, bool]] = {}
 
 
@@ -146,14 +148,17 @@ def merge_softmax(
 
     ``prefix_out`` ``[..., R, d]``, ``prefix_lse`` ``[..., R]``, ``tail_logits`` ``[..., R, n]``,
     ``tail_values`` ``[..., n, d]``; returns ``[..., R, d]`` in fp32. Merged relative to the row
-    maximum and normalised explicitly (not by ``logaddexp``): a row whose every key is masked gets
-    finite, normalised weights (its output is unused, but NaN would spread).
+    maximum (one softmax, not ``logaddexp``): a row whose every key is masked gets finite,
+    normalised weights (its output is unused, but NaN would spread).
     """
-    tail_logits = tail_logits.float()
-    top = torch.maximum(prefix_lse.float(), tail_logits.amax(dim=-1))
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    w_prefix = (prefix_lse.float() - top).exp()
-    p_tail = (tail_logits - top.unsqueeze(-1)).exp()
-    total = (w_prefix + p_tail.sum(dim=-1)).clamp_min(torch.finfo(torch.float32).tiny)
-    out = prefix_out.float() * (w_prefix / total).unsqueeze(-1)
-    return out + torch.matmul(p_tail / total.unsqueeze(-1), tail_values.float())
+    if tail_logits.shape[-1] == 1:  # one new token (a decode step): the prefix's share is a sigmoid
+        # (-inf - -inf, a row with every key masked, is NaN: counted as 0, equal shares)
+        share = torch.sigmoid((prefix_lse.float().unsqueeze(-1) - tail_logits.float()).nan_to_num_(0.0))
+        tail = tail_values.float()
+        return tail + share * (prefix_out.float() - tail)
+    # one softmax over [prefix log-sum-exp, tail logits]: its first weight is the prefix's share
+    # (-inf raised to finfo.min: a row with every key masked gets finite weights, not NaN)
+    logits = torch.cat([prefix_lse.float().unsqueeze(-1), tail_logits.float()], dim=-1)
+    weights = small_softmax(logits.clamp_min_(torch.finfo(torch.float32).min))
+    out = prefix_out.float() * weights[..., :1]
+    return out + small_matmul(weights[..., 1:], tail_values.float())

@@ -106,12 +106,12 @@ class MethodBuilder:
         return f"calibration={self.calibration}" if method in CALIBRATED else None
 
     # -- building ------------------------------------------------------------------------------
-    def build(self, method: str, ratio: float) -> Any:
-        """A fresh cache for ``method`` at ``ratio`` (:data:`DEFAULT_SETTINGS`: its defaults)."""
+    def build(self, method: str, ratio: float, **options: Any) -> Any:
+        """A fresh cache for ``method`` at ``ratio`` (:data:`DEFAULT_SETTINGS`: its defaults), with
+        the cache's further ``options`` (e.g. ``decode_tokens=``)."""
         from ..patching import make_cache
 
         if ratio == DEFAULT_SETTINGS:
-            options: dict[str, Any] = {}
             if "remainder" in inspect.signature(_factory(method)).parameters:
                 options["remainder"] = "last_group"  # any layer count, not only a multiple of the group
             return make_cache(self.model, method, **options)
@@ -119,16 +119,16 @@ class MethodBuilder:
         if why:
             raise ValueError(f"compresskv bench: {method!r} {why}")
         if method == "pca":
-            return make_cache(self.model, "pca", projections=self._pca(), compression_ratio=ratio)
+            return make_cache(self.model, "pca", projections=self._pca(), compression_ratio=ratio, **options)
         if method == "matryoshka":
-            return make_cache(self.model, "matryoshka", projections=self._trained(), compression_ratio=ratio)
+            return make_cache(self.model, "matryoshka", projections=self._trained(), compression_ratio=ratio, **options)
         if method == "elitekv":
             return make_cache(
                 self.model, "elitekv", compression_ratio=ratio, ranking=self._ranking(),
                 calibration_texts=self._windows("calib"), seq_len=CALIB_SEQ_LEN, num_windows=CALIB_WINDOWS,
-                keep_original=True,
+                keep_original=True, **options,
             )
-        return make_cache(self.model, method, compression_ratio=ratio)
+        return make_cache(self.model, method, compression_ratio=ratio, **options)
 
     def release(self) -> None:
         """Give the model back as loaded (reverts an EliteKV conversion; uninstalls compresskv's

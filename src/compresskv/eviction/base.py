@@ -234,12 +234,7 @@ class EvictionCache(CompressedCache):
         window_size: int = 32,
         decode_tokens: int | None = None,
     ) -> None:
-        if decode_tokens is not None and (not isinstance(decode_tokens, int) or decode_tokens < 1):
-            raise ValueError(
-                f"{type(self).__name__}: decode_tokens (room for this many decoded tokens, for static, "
-                f"compileable decoding) must be an int >= 1 or None, got {decode_tokens!r}."
-            )
-        self.decode_tokens = decode_tokens
+        self.decode_tokens = decode_tokens  # checked by CompressedCache
         if not isinstance(window_size, int) or window_size < 0:
             raise ValueError(f"{type(self).__name__}: window_size must be an int >= 0, got {window_size!r}.")
         if (budget is None) == (compression_ratio is None):

@@ -21,19 +21,19 @@ compressed when stored, right after. Two ways to read what is stored:
 In ``latent`` mode the stored tokens are read by a fused attention kernel where one takes them
 (:meth:`ProjectedLayer.projected_attention_sdpa`): per group of KV heads sharing one key rank and
 one value rank, one fused call over the stored latents (query ``q·U_k[:, :r_k]``, keys ``k′``,
-values ``v′``, padding as an additive bias) that also returns its log-sum-exp; the ``q·μ_k`` term,
-the same for every stored key of a query row, is added to that log-sum-exp rather than to every
-logit; and the new tokens (full precision, a few) are merged in through it, so both parts share
-one softmax exactly. ``scaled_dot_product_attention`` itself does not return the
+values ``v′``, padding as an additive bias) that also returns its log-sum-exp; every logit is
+taken relative to ``q·μ_k`` (the same for every stored key of a query row: the new tokens' keys
+are centred instead), and the new tokens (full precision, a few) are merged in through the
+log-sum-exp, so both parts share one softmax exactly. ``scaled_dot_product_attention`` itself does not return the
 log-sum-exp, and without it the merge cannot be exact unless the new tokens are copied into the
 latent tensors (a copy of the whole cache per step) or the stored logits are computed (what the
 fused kernel avoids): so this calls the ATen kernels behind it (see
 :func:`compresskv.core.lse.attention_with_lse`). The explicit path
 (:meth:`ProjectedLayer.projected_attention`, forced by ``read_mode="latent_explicit"``) stays the
-reference, and runs where the fused one does not apply: on CPU (measured faster there, see
-:attr:`ProjectedLayer.fused_devices`), under ``eager`` attention (which returns the attention
-weights, ``[batch, q_heads, q_len, stored + q_len]``, for ``output_attentions=True``), with sink tokens, for heads whose key ranks and value ranks
-group them differently, and for shapes no fused kernel takes (on CUDA: ranks not a multiple of 8 in
+reference, and runs where the fused one does not apply: on CPU with one thread (measured faster
+there, see :attr:`ProjectedLayer.fused_cpu_threads`), under ``eager`` attention (which returns the
+attention weights, ``[batch, q_heads, q_len, stored + q_len]``, for ``output_attentions=True``),
+with sink tokens, for heads whose key ranks and value ranks group them differently, and for shapes no fused kernel takes (on CUDA: ranks not a multiple of 8 in
 fp16/bf16, or of 4 in fp32).
 """
 
@@ -48,6 +48,7 @@ import torch
 from ..core.attention import AttentionCall
 from ..core.cache import KVLayer, tensor_bytes
 from ..core.lse import attention_with_lse, merge_softmax
+from ..core.ops import small_matmul, small_softmax
 from .projections import Projections
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class LayerFactors:
         t = projections.tensors
         self.mu_k = t["mu_k"][layer].to(device=device, dtype=dtype).contiguous()
         self.mu_v = t["mu_v"][layer].to(device=device, dtype=dtype).contiguous()
+        self.mu_k4, self.mu_v4 = self.mu_k[None, :, None, :], self.mu_v[None, :, None, :]  # [1, kv, 1, d]
         self.k_groups, self.k_inverse = _groups(t["U_k"][layer], ranks_k, dtype, device)
         self.v_groups, self.v_inverse = _groups(t["U_v"][layer], ranks_v, dtype, device)
         # The fused read needs each group's key and value latents over the same heads (true for
@@ -113,10 +115,14 @@ class LayerFactors:
 class ProjectedLayer(KVLayer):
     """A full-attention layer storing every token as per-head low-rank projections."""
 
-    #: Devices on which ``read_mode="latent"`` reads through the fused kernels. Not CPU: there the
-    #: explicit path's GEMMs measured 15-25% faster than the CPU flash kernel at rank 16 and on par
-    #: at rank 32 (one thread, 2k-16k tokens, batch 1-8); the tests still run the fused path on CPU.
-    fused_devices: tuple[str, ...] = ("cuda",)
+    #: Devices on which ``read_mode="latent"`` reads through the fused kernels.
+    fused_devices: tuple[str, ...] = ("cuda", "cpu")
+    #: On CPU, the fewest torch threads with which the fused read runs. With one thread the explicit
+    #: path's two GEMMs measured 15-25% faster than the CPU flash kernel at rank 16 and on par at
+    #: rank 32 (2k-16k tokens, batch 1-8); with more, each of them (and its softmax) is a parallel
+    #: region that wakes the thread pool (:mod:`compresskv.core.ops`), the flash kernel one, and the
+    #: fused read measured faster (1k tokens, 2 threads, ``benchmarks/results/decode_pca.md``).
+    fused_cpu_threads: int = 2
     storage = ("k_latent", "v_latent", "sink_index", "sink_k", "sink_v")
 
     def __init__(self, cache: "MatryoshkaKVCache", layer_idx: int) -> None:
@@ -129,7 +135,7 @@ class ProjectedLayer(KVLayer):
         self.factors: LayerFactors | None = None
         self.k_latent: list[torch.Tensor] = []
         self.v_latent: list[torch.Tensor] = []
-        self._new: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._new: tuple[torch.Tensor, ...] | None = None  # this call's keys and values, as given and centred
         # Optional full-precision copies of each row's first real tokens (attention sinks).
         self.sink_tokens = cache.sink_tokens
         self.sink_index: torch.Tensor | None = None  # [batch, n] positions in the stored sequence
@@ -147,13 +153,12 @@ class ProjectedLayer(KVLayer):
         self.is_initialized = True
 
     @staticmethod
-    def _project(x: torch.Tensor, mu: torch.Tensor, groups: list[_Group]) -> list[torch.Tensor]:
-        centred = x - mu[None, :, None, :]
-        return [torch.matmul(_select(centred, g), g.proj) for g in groups]
+    def _project(centred: torch.Tensor, groups: list[_Group]) -> list[torch.Tensor]:
+        return [small_matmul(_select(centred, g), g.proj) for g in groups]
 
     @staticmethod
     def _reconstruct(latent: list[torch.Tensor], mu: torch.Tensor, groups: list[_Group], inverse: torch.Tensor | None) -> torch.Tensor:
-        parts = [torch.matmul(z, g.proj.transpose(-1, -2)) for z, g in zip(latent, groups)]
+        parts = [torch.matmul(z, g.proj.mT) for z, g in zip(latent, groups)]
         return _assemble(parts, inverse) + mu[None, :, None, :]
 
     def update(
@@ -170,9 +175,11 @@ class ProjectedLayer(KVLayer):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.stored_before = self.stored()
-        self.seen += key_states.shape[-2]
-        self._new = (key_states, value_states)
+        self.stored_before = self.stored()  # static: the buffers' slots, the same every step
+        if not self.static:  # (static: seen follows the fill, see compresskv.core.decode)
+            self.seen += key_states.shape[-2]
+        # Centred once: stored projected (after_attention), and read relative to the means (attend).
+        self._new = (key_states, value_states, *self.centre(key_states, value_states))
         keys, values = key_states, value_states
         if self.read_mode == "model" and self.stored_before > 0:
             f = self.factors
@@ -186,12 +193,12 @@ class ProjectedLayer(KVLayer):
     def after_attention(self, call: AttentionCall) -> None:
         """Store this call's tokens, projected, then record their validity (base class)."""
         if self._new is not None:
-            keys, values = self._new
+            keys, values, centred_k, centred_v = self._new
             self._new = None
             if self.stored() == 0 and self.sink_tokens:
                 pad = call.pad2d[:, -keys.shape[-2]:] if call.pad2d is not None else None
                 self._keep_sinks(keys, values, pad)
-            self._store(keys, values)
+            self._store(centred_k, centred_v)
         super().after_attention(call)
 
     def _keep_sinks(self, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor | None) -> None:
@@ -207,16 +214,25 @@ class ProjectedLayer(KVLayer):
         self.sink_k = keys.gather(2, gather).contiguous()
         self.sink_v = values.gather(2, gather).contiguous()
 
-    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def centre(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k − μ_k, v − μ_v)``: what is projected and stored."""
+        return keys - self.factors.mu_k4, values - self.factors.mu_v4
+
+    def _store(self, centred_k: torch.Tensor, centred_v: torch.Tensor) -> None:
         f = self.factors
-        new_k = self._project(keys, f.mu_k, f.k_groups)
-        new_v = self._project(values, f.mu_v, f.v_groups)
-        if self.prefilled:  # decode: written in place into room (compresskv.core.decode)
+        new_k = self._project(centred_k, f.k_groups)
+        new_v = self._project(centred_v, f.v_groups)
+        if self.static:
+            self.write_static(*new_k, *new_v)
+        elif self.prefilled:  # decode: written in place into room (compresskv.core.decode)
             self.k_latent = [self.write_in_room(old, new, ("k_latent", i)) for i, (old, new) in enumerate(zip(self.k_latent, new_k))]
             self.v_latent = [self.write_in_room(old, new, ("v_latent", i)) for i, (old, new) in enumerate(zip(self.v_latent, new_v))]
         else:
             self.k_latent = [torch.cat([old, new], dim=-2) for old, new in zip(self.k_latent, new_k)]
             self.v_latent = [torch.cat([old, new], dim=-2) for old, new in zip(self.v_latent, new_v)]
+
+    def static_keys(self) -> list[Any]:
+        return [("k_latent", i) for i in range(len(self.k_latent))] + [("v_latent", i) for i in range(len(self.v_latent))]
 
     def keep(self, index: torch.Tensor) -> None:  # pragma: no cover - no eviction here
         raise RuntimeError("compresskv: a projected cache keeps every token; it does not evict.")
@@ -233,63 +249,78 @@ class ProjectedLayer(KVLayer):
             )
         # eager attention returns the weights (output_attentions), which only the explicit path forms
         if (self.read_mode == "latent" and self.sink_k is None and self.factors.paired and call.base != "eager"
-                and call.query.device.type in self.fused_devices):
+                and self._fused_on(call.query.device)):
             out = self.projected_attention_sdpa(call)
             if out is not None:
                 return out
         return self.projected_attention(call)
 
-    def _new_logits(self, q: torch.Tensor, call: AttentionCall, groups: int) -> torch.Tensor:
-        """Scaled fp32 logits of the ``rows`` grouped queries on this call's own (new) tokens,
-        ``[batch, kv_heads, rows, q_len]``, causal and padding masks applied."""
-        q_len = call.key.shape[-2]
-        logits = torch.matmul(q, call.key.transpose(-1, -2)).float().mul_(call.scaling)
+    def _fused_on(self, device: torch.device) -> bool:
+        # (not under torch.compile: inductor fuses the explicit path itself)
+        return (device.type in self.fused_devices and not torch.compiler.is_compiling()
+                and (device.type != "cpu" or torch.get_num_threads() >= self.fused_cpu_threads))
+
+    def _grouped_query(self, call: AttentionCall) -> tuple[torch.Tensor, int]:
+        """The scaled query ``[batch, kv_heads, rows, d]`` (query head h·G+g → KV head h, row
+        g·q_len+i) and ``G``, the query heads per KV head."""
+        bsz, n_q, q_len, dim = call.query.shape
+        n_kv = call.key.shape[1]
+        return (call.query * call.scaling).reshape(bsz, n_kv, n_q // n_kv * q_len, dim), n_q // n_kv
+
+    def _new_logits(self, qs: torch.Tensor, call: AttentionCall, groups: int) -> torch.Tensor:
+        """fp32 logits ``[batch, kv_heads, rows, q_len]`` of the scaled grouped queries on this
+        call's own (new) keys, centred: ``q·(k − μ_k)``, the stored tokens' logits all being taken
+        relative to ``q·μ_k`` too (a common shift, which softmax ignores); causal and padding masks
+        applied."""
+        centred_k = self._new[2]
+        q_len = centred_k.shape[-2]
+        logits = small_matmul(qs, centred_k.transpose(-1, -2)).float()
         pad_new = call.new_valid  # [batch, q_len], None when all real (checked once per forward)
         if q_len > 1 or pad_new is not None:
-            allowed = torch.ones(q_len, q_len, dtype=torch.bool, device=q.device).tril().repeat(groups, 1)[None, None]
+            allowed = torch.ones(q_len, q_len, dtype=torch.bool, device=qs.device).tril().repeat(groups, 1)[None, None]
             if pad_new is not None:
                 allowed = allowed & pad_new[:, None, None, :]
             logits.masked_fill_(~allowed, torch.finfo(logits.dtype).min)
         return logits
 
+    def _finish(self, out: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        """``[batch, kv_heads, rows, d]`` (values relative to μ_v) → the attention output
+        ``[batch, q_len, q_heads, d]`` in the query's dtype."""
+        bsz, n_q, q_len, dim = call.query.shape
+        out = (out + self.factors.mu_v4).to(call.query.dtype)
+        return out.reshape(bsz, n_q, q_len, dim).transpose(1, 2).contiguous()
+
     def projected_attention_sdpa(self, call: AttentionCall) -> tuple[torch.Tensor, None] | None:
         """:meth:`projected_attention` in fused kernels, merged by log-sum-exp (see the module notes);
         ``None`` when no fused kernel takes the shapes (the caller then runs the explicit path).
 
-        Per group of KV heads, ``O, L = attn(q·U_k, k′, v′, bias)`` over the stored tokens; with
-        ``L₀ = L + scaling·q·μ_k`` and the new tokens' logits ``s``:
-        ``out = (e^{L₀}·(O·U_vᵀ + μ_v) + Σ e^{s}·v_new) / (e^{L₀} + Σ e^{s})``.
+        With ``q`` scaled, per group of KV heads ``O, L = attn(q·U_k, k′, v′, bias)`` over the stored
+        tokens, and the new tokens' logits ``s = q·(k_new − μ_k)`` (both relative to ``q·μ_k``):
+        ``out = μ_v + (e^{L}·O·U_vᵀ + Σ e^{s}·(v_new − μ_v)) / (e^{L} + Σ e^{s})``.
         """
         f = self.factors
-        query = call.query
-        bsz, n_q, q_len, dim = query.shape
-        n_kv = call.key.shape[1]
-        groups = n_q // n_kv
+        qs, groups = self._grouped_query(call)
+        bsz, n_kv = qs.shape[:2]
         stored = self.stored_before
-        rows = groups * q_len
-        q = query.reshape(bsz, n_kv, rows, dim)  # query head h·G+g → (KV head h, row g·q_len+i)
         bias = None
         if self.valid is not None:
             # Allocated 8-aligned along the tokens so the memory-efficient kernel reads it in place.
             width = (stored + 7) // 8 * 8
-            bias = q.new_zeros(bsz, n_kv, 1, width)
-            bias[..., :stored].masked_fill_(~self.valid[:, :, None, :stored], torch.finfo(q.dtype).min)
+            bias = qs.new_zeros(bsz, n_kv, 1, width)
+            bias[..., :stored].masked_fill_(~self.valid[:, :, None, :stored], torch.finfo(qs.dtype).min)
         parts, lses = [], []
         for kg, vg, zk, zv in zip(f.k_groups, f.v_groups, self.k_latent, self.v_latent):
             group_bias = None if bias is None else _select(bias, kg)[..., :stored]
-            found = attention_with_lse(torch.matmul(_select(q, kg), kg.proj), zk, zv, group_bias, call.scaling)
+            found = attention_with_lse(small_matmul(_select(qs, kg), kg.proj), zk, zv, group_bias, 1.0)
             if found is None:
                 return None
             out, lse = found
-            parts.append(torch.matmul(out, vg.proj.transpose(-1, -2)))
+            parts.append(small_matmul(out, vg.proj.mT))
             lses.append(lse)
         old = _assemble(parts, f.v_inverse)  # [b, kv, rows, d]; v_inverse == k_inverse (paired)
         lse_old = _assemble(lses, f.k_inverse)  # [b, kv, rows]
-        lse_old = lse_old + torch.matmul(q, f.mu_k[None, :, :, None]).squeeze(-1).float() * call.scaling
-        new_logits = self._new_logits(q, call, groups)
-        out = merge_softmax(old + f.mu_v[None, :, None, :], lse_old, new_logits, call.value).to(query.dtype)
-        out = out.view(bsz, n_kv, groups, q_len, dim).reshape(bsz, n_q, q_len, dim)
-        return out.transpose(1, 2).contiguous(), None
+        out = merge_softmax(old, lse_old, self._new_logits(qs, call, groups), self._new[3])
+        return self._finish(out, call), None
 
     def projected_attention(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention over the stored latents (projected space) and the new full-precision tokens:
@@ -298,45 +329,37 @@ class ProjectedLayer(KVLayer):
         Returns ``([batch, q_len, q_heads, d], weights)`` like transformers' attention functions:
         under ``eager`` attention (which returns them, for ``output_attentions=True``) the softmax
         weights ``[batch, q_heads, q_len, stored + q_len]``, else ``None``.
+
+        Per step the work over the stored tokens is what counts, so nothing is added to their
+        logits: the scaling is in the query, and every logit is taken relative to ``q·μ_k`` (the
+        new tokens' keys are centred instead); the values' mean is added once, as
+        ``Σ p_old·μ_v + Σ p_new·v_new = μ_v + Σ p_new·(v_new − μ_v)``.
         """
         f = self.factors
-        query = call.query
-        new_k, new_v = call.key, call.value
-        bsz, n_q, q_len, dim = query.shape
-        n_kv = new_k.shape[1]
-        groups = n_q // n_kv
+        qs, groups = self._grouped_query(call)
+        bsz, n_kv, rows, _ = qs.shape
         stored = self.stored_before
-        rows = groups * q_len
-        q = query.reshape(bsz, n_kv, rows, dim)  # query head h·G+g → (KV head h, row g·q_len+i)
-
-        # Per step the work over the stored tokens is what counts: the scaling goes into the
-        # projected query, and q·μ_k, the same for every stored key of a row, is taken off the new
-        # tokens' logits instead of added to every stored one (softmax ignores a common shift).
-        old = [torch.matmul(torch.matmul(_select(q, g), g.proj).mul_(call.scaling), z.transpose(-1, -2))
+        old = [torch.matmul(small_matmul(_select(qs, g), g.proj), z.transpose(-1, -2))
                for g, z in zip(f.k_groups, self.k_latent)]
         old_logits = _assemble(old, f.k_inverse).float()
-        shift = torch.matmul(q, f.mu_k[None, :, :, None]).float().mul_(call.scaling)  # [b, kv, rows, 1]
-        if self.sink_k is not None:  # the sink tokens' logits at full precision, shifted alike
+        if self.sink_k is not None:  # the sink tokens' logits at full precision, relative alike
             sink_at = self.sink_index[:, None, None, :].expand(bsz, n_kv, rows, -1)
-            sink = torch.matmul(q, self.sink_k.transpose(-1, -2)).float().mul_(call.scaling) - shift
+            sink = torch.matmul(qs, (self.sink_k - f.mu_k4).transpose(-1, -2)).float()
             old_logits = old_logits.scatter(-1, sink_at, sink)
-        logits = torch.cat([old_logits, self._new_logits(q, call, groups) - shift], dim=-1)
+        logits = torch.cat([old_logits, self._new_logits(qs, call, groups)], dim=-1)
         if self.valid is not None:  # in place, broadcast over the rows: no [.., rows, stored] boolean built
             logits[..., :stored].masked_fill_(~self.valid[:, :, None, :stored], torch.finfo(logits.dtype).min)
-        probs = logits.softmax(dim=-1).to(new_v.dtype)
+        probs = small_softmax(logits).to(call.value.dtype)
         p_old, p_new = probs[..., :stored], probs[..., stored:]
 
-        parts = [torch.matmul(torch.matmul(_select(p_old, g), z), g.proj.transpose(-1, -2))
-                 for g, z in zip(f.v_groups, self.v_latent)]
-        out = _assemble(parts, f.v_inverse)
-        out = out + (1 - p_new.sum(dim=-1, keepdim=True)) * f.mu_v[None, :, None, :]  # Σ p_old, from the few new
-        out = out + torch.matmul(p_new, new_v)
+        parts = [small_matmul(torch.matmul(_select(p_old, g), z), g.proj.mT) for g, z in zip(f.v_groups, self.v_latent)]
+        out = _assemble(parts, f.v_inverse) + small_matmul(p_new, self._new[3])
         if self.sink_v is not None:  # their values at full precision: add what the projection lost
             error = self.sink_v - self._sink_reconstruction("v")
             out = out + torch.matmul(p_old.gather(-1, sink_at), error)
-        out = out.view(bsz, n_kv, groups, q_len, dim).reshape(bsz, n_q, q_len, dim)
+        bsz, n_q, q_len, _ = call.query.shape
         weights = probs.view(bsz, n_kv, groups, q_len, -1).reshape(bsz, n_q, q_len, -1) if call.base == "eager" else None
-        return out.transpose(1, 2).contiguous(), weights
+        return self._finish(out, call), weights
 
     def _sink_reconstruction(self, name: str) -> torch.Tensor:
         """What the stored latents give back for the sink tokens, ``[batch, kv_heads, n, d]``."""

@@ -55,6 +55,10 @@ class MatryoshkaKVCache(CompressedCache):
             precision (an extension, off by default as in the paper: the first token is an
             attention sink whose key and value a low-rank projection fitted to ordinary tokens
             loses, and most heads attend to it heavily). Costs ``sink_tokens·2·d`` values per head.
+        decode_tokens: room for that many decoded tokens, made right after the prompt is stored,
+            for static, compileable decoding (``torch.compile`` / ``generate(compile_config=...)``;
+            see :mod:`compresskv.core.decode`); ``None`` (default): room grown as needed. Not with
+            ``read_mode="model"``.
     """
 
     method = "matryoshka"
@@ -76,6 +80,7 @@ class MatryoshkaKVCache(CompressedCache):
         read_mode: str = "latent",
         use_allocation: bool = True,
         sink_tokens: int = 0,
+        decode_tokens: int | None = None,
         **removed: Any,
     ) -> None:
         who = type(self).__name__
@@ -92,6 +97,10 @@ class MatryoshkaKVCache(CompressedCache):
         if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
             raise ValueError(f"{who}: sink_tokens must be an int >= 0, got {sink_tokens!r}.")
         self.sink_tokens = sink_tokens
+        if decode_tokens is not None and read_mode == "model":
+            raise ValueError(f"{who}: decode_tokens= (static decoding) reads in the projected space; "
+                             "use read_mode='latent' or 'latent_explicit', not 'model'.")
+        self.decode_tokens = decode_tokens  # checked by CompressedCache
         projections.check_model(model)
         rk, rv, source = projections.resolve_ranks(compression_ratio, rank, ranks, use_allocation, who)
         self.projections, self.read_mode = projections, read_mode
@@ -130,7 +139,7 @@ class MatryoshkaKVCache(CompressedCache):
             layer.lazy_initialization(keys, values)
             if layer.sink_tokens:
                 layer._keep_sinks(keys, values, None)
-            layer._store(keys, values)
+            layer._store(*layer.centre(keys, values))
             layer.seen = keys.shape[-2]
             layer.stored_before = 0
             layer.prefilled = True
@@ -199,7 +208,8 @@ class PCAKVCache(MatryoshkaKVCache):
             [1, head_dim] for every head) or ``ranks`` (``(ranks_k, ranks_v)``, each
             ``[layers][kv_heads]``); ``read_mode`` (``"latent"`` (default), ``"latent_explicit"``
             or ``"model"``; ``mode=`` is refused); ``use_allocation`` (``False`` ignores a stored
-            allocation); ``sink_tokens`` (each row's first prompt tokens also kept at full precision).
+            allocation); ``sink_tokens`` (each row's first prompt tokens also kept at full precision);
+            ``decode_tokens`` (room for static, compileable decoding).
     """
 
     method = "pca"

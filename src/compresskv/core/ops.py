@@ -1,0 +1,51 @@
+"""Small tensor operations for the decode step that do not wake the CPU's thread pool.
+
+On CPU, ``torch.matmul`` of batched operands and ``softmax`` always run in a parallel region, and a
+parallel region wakes the OpenMP threads. With ``OMP_WAIT_POLICY=PASSIVE`` (what compresskv's
+command sets, see ``benchmarks/threads.md``) the threads sleep between regions, and waking them
+costs about 50 µs on the 2-core CI machine: a ``[3, 1, 64] @ [3, 64, 32]`` product takes 5 µs with
+the threads awake and 53 µs after a large matmul (what precedes it in a real decode step), and a
+softmax over ``[1, 3, 3, 2]`` takes 55 µs (softmax and ``exp`` go parallel at any size). A projected cache's decode step had about ten such
+operations per layer: more than halving the cache saved at 1k tokens. Elementwise kernels go
+parallel only above ATen's grain size (32768 elements), so the same operations written as
+broadcast multiplies, sums and sigmoids run on the calling thread.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: ATen's ``internal::GRAIN_SIZE``: elementwise kernels over fewer elements run on one thread
+SMALL = 32768
+
+
+def _one_thread(x: torch.Tensor, elements: int) -> bool:
+    """Whether to write an operation elementwise: on CPU, with a thread pool to keep asleep, and
+    ``elements`` under the grain size (with one thread there is no wake-up, and ATen's own kernel is
+    the faster); never under torch.compile (inductor fuses the ops itself)."""
+    return (x.device.type == "cpu" and elements <= SMALL and not torch.compiler.is_compiling()
+            and torch.get_num_threads() > 1)
+
+
+def small_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul(a, b)`` for ``[..., m, k]`` and ``[..., k, n]`` operands (batch dims broadcast);
+    as a broadcast multiply and a sum over ``k`` when that is small (see :func:`_one_thread`)."""
+    batch = 1
+    sa, sb = a.shape[:-2], b.shape[:-2]
+    for i in range(1, max(len(sa), len(sb)) + 1):
+        batch *= max(sa[-i] if i <= len(sa) else 1, sb[-i] if i <= len(sb) else 1)
+    if _one_thread(a, batch * a.shape[-2] * a.shape[-1] * b.shape[-1]):
+        return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+    return torch.matmul(a, b)
+
+
+def small_softmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.softmax(-1)``; written out when small (see :func:`_one_thread`), with ``exp(y)`` as
+    ``σ(y)/σ(−y)``: ``exp`` (a VML kernel) goes parallel from a few hundred elements, ``sigmoid`` only
+    above the grain size. ``y = x − max ≤ 0``, so ``σ(−y) ∈ [½, 1]``: no cancellation (measured
+    within 1e-6 relative of ``softmax``)."""
+    if _one_thread(x, x.numel()):
+        y = x - x.amax(dim=-1, keepdim=True)
+        e = torch.sigmoid(y).div_(torch.sigmoid(y.neg_()))
+        return e.div_(e.sum(dim=-1, keepdim=True))
+    return x.softmax(dim=-1)

@@ -1,0 +1,79 @@
+"""compresskv.core.ops (small products and softmax that keep the CPU thread pool asleep) and the
+exact softmax merge of compresskv.core.lse built on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compresskv.core import ops
+from compresskv.core.lse import merge_softmax
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("a_shape, b_shape", [
+    ((1, 3, 3, 64), (3, 64, 32)),  # the grouped query through per-head projections
+    ((2, 3, 1, 64), (1, 3, 64, 1)),  # broadcast batch dims both ways
+    ((4, 1, 5, 8), (2, 8, 7)),
+    ((2, 3, 9, 64), (2, 3, 64, 300)),  # over the grain size: torch.matmul
+])
+def test_small_matmul_equals_matmul(threads, a_shape, b_shape):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(*a_shape, generator=g), torch.randn(*b_shape, generator=g)
+    got = ops.small_matmul(a, b)
+    assert got.shape == torch.matmul(a, b).shape
+    torch.testing.assert_close(got, torch.matmul(a, b), rtol=1e-5, atol=1e-5)
+
+
+def test_small_matmul_is_written_out_only_when_small_and_threaded(monkeypatch):
+    calls = []
+    real = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda *a: calls.append(1) or real(*a))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ops.small_matmul(torch.ones(1, 3, 3, 64), torch.ones(3, 64, 32))  # 18432 products
+        assert calls == []
+        ops.small_matmul(torch.ones(1, 3, 3, 64), torch.ones(3, 64, 64))  # 36864: over the grain
+        assert calls == [1]
+        torch.set_num_threads(1)  # no pool to keep asleep: ATen's kernel
+        ops.small_matmul(torch.ones(1, 3, 3, 64), torch.ones(3, 64, 32))
+        assert calls == [1, 1]
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 3, 2), (2, 4, 3, 1031), (1, 2, 2, 20000)])
+def test_small_softmax_equals_softmax(threads, shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 8
+    x[..., 0] = torch.finfo(x.dtype).min  # masked entries, as the caches mask them
+    torch.testing.assert_close(ops.small_softmax(x.clone()), x.softmax(-1), rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("tail", [1, 3])  # one new token (a decode step: a sigmoid) or several (a softmax)
+def test_merge_softmax_equals_one_softmax_over_both_parts(threads, tail):
+    g = torch.Generator().manual_seed(2)
+    prefix_logits, tail_logits = torch.randn(2, 3, 4, 50, generator=g), torch.randn(2, 3, 4, tail, generator=g)
+    prefix_v, tail_v = torch.randn(2, 3, 50, 8, generator=g), torch.randn(2, 3, tail, 8, generator=g)
+    tail_logits[0, 0, 0, -1] = float("-inf")  # a masked new token
+    tail_logits[0, 1, 0, -1] = torch.finfo(torch.float32).min
+    both = torch.cat([prefix_logits, tail_logits], -1).softmax(-1)
+    expected = both @ torch.cat([prefix_v, tail_v], -2)
+    prefix_out = prefix_logits.softmax(-1) @ prefix_v
+    got = merge_softmax(prefix_out, prefix_logits.logsumexp(-1), tail_logits, tail_v)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tail", [1, 2])
+def test_merge_softmax_keeps_a_row_with_every_key_masked_finite(tail):
+    lse = torch.tensor([[float("-inf")]])
+    logits = torch.full((1, 1, tail), float("-inf"))
+    out = merge_softmax(torch.zeros(1, 1, 4), lse, logits, torch.ones(1, tail, 4))
+    assert torch.isfinite(out).all()
