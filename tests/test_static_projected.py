@@ -11,7 +11,7 @@ from transformers import CompileConfig
 
 import compresskv
 from compresskv.projected.cache import ProjectedLayer
-from conftest import VOCAB, batch_inputs, dynamic, greedy, tiny_model
+from conftest import VOCAB, batch_inputs, dynamic, greedy, kv, tiny_model
 
 
 def _model_and_projections(attn="sdpa", layers=2):
@@ -44,6 +44,20 @@ def test_static_decoding_at_full_rank_matches_dynamic_cache():
     got = greedy(model, ids, mask, compresskv.PCAKVCache(model, p, compression_ratio=0.0, decode_tokens=8), new_tokens=8)
     assert torch.equal(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("options", [dict(rank=6, sink_tokens=2), dict(compression_ratio=0.5, use_allocation=False)],
+                         ids=["sink-tokens", "ratio"])
+def test_beam_search_and_sinks_read_the_static_buffers_as_the_room(options):
+    model, p = _model_and_projections()
+    ids, mask = batch_inputs(2, length=40)
+    run = lambda cache: model.generate(  # noqa: E731
+        input_ids=ids, attention_mask=mask, **kv(cache), max_new_tokens=6, min_new_tokens=6, num_beams=3,
+        do_sample=False, pad_token_id=0,
+    )
+    room = run(compresskv.PCAKVCache(model, p, **options))
+    static = run(compresskv.PCAKVCache(model, p, decode_tokens=8, **options))
+    assert torch.equal(static, room)
 
 
 def test_static_bytes_are_the_buffers_and_the_room_is_reported_apart():
