@@ -8,8 +8,9 @@ Two ways (``KVLayer.append`` picks the layer's):
   fifth of SnapKV's decode time at 4k tokens on a CPU). ``keys``/``values`` stay views of exactly
   the stored tokens, so attention reads only those.
 - **Static** (a cache built with ``decode_tokens=N``): right after compression the layer moves its
-  tokens into buffers with room for ``N`` more, and from then on ``keys``/``values``/``valid`` are
-  those whole buffers. A step writes at a position held in a tensor (``_fill``) and attends over
+  tokens into buffers with room for ``N`` more, and from then on the tensors it names in
+  :meth:`DecodeStorage.static_keys` (``keys``/``values``, or the projected caches' latents) and
+  ``valid`` are those whole buffers. A step writes at a position held in a tensor (``_fill``) and attends over
   every slot under a mask in which the unwritten ones are invalid: the shapes and the Python state
   are the same at every step, so ``torch.compile`` traces the step once without a graph break (and
   CUDA graphs can replay it), as transformers' ``StaticCache`` does. The attention reads the room
