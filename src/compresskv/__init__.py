@@ -37,6 +37,7 @@ _EXPORTS = {
     "available_methods": "patching", "make_cache": "patching", "method_options": "patching", "patch": "patching",
     "last_cache": "patching", "last_stats": "patching",
     "patched": "patching", "register_method": "patching", "unpatch": "patching",
+    "prefill": "reuse", "ask": "reuse",
 }
 
 if TYPE_CHECKING:  # what static tools see
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # what static tools see
     from .models import DEFAULT_MODEL, load_model
     from .patching import available_methods, make_cache, method_options, patch, patched, register_method, unpatch
     from .patching import last_cache, last_stats
+    from .reuse import ask, prefill
     from .projected import MatryoshkaKVCache, PCAKVCache, Projections, allocate_ranks, calibrate, train_projections
 
 
@@ -73,6 +75,7 @@ __all__ = [
     "StreamingLLMCache",
     "XKVCache",
     "allocate_ranks",
+    "ask",
     "available_methods",
     "calibrate",
     "elitekv",
@@ -83,6 +86,7 @@ __all__ = [
     "method_options",
     "patch",
     "patched",
+    "prefill",
     "pyramid_budgets",
     "register_method",
     "sample_text",

@@ -437,6 +437,15 @@ class CompressedCache(Cache):
         super().batch_select_indices(indices)
         self._map_shared(batch_fn("select", indices))
 
+    def end_prompt(self) -> "CompressedCache":
+        """Close the prompt: a multi-token forward from now on (a question asked after a compressed
+        context, see :mod:`compresskv.reuse`) is appended as decoded tokens are, not compressed as a
+        further piece of the prompt (or refused as chunked prefill). Returns the cache."""
+        for layer in self.layers:
+            if isinstance(layer, KVLayer) and layer.prefilled:
+                layer.decoding = True
+        return self
+
     # -- measurement -------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds, all layers and shared state included, and the

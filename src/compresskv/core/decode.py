@@ -47,6 +47,7 @@ class DecodeStorage:
     keys: Any
     values: Any
     _valid: torch.Tensor | None
+    decoding: bool  # (KVLayer's) the prompt is closed: a multi-token forward is appended
 
     def init_decode_storage(self) -> None:
         # Room tensors by what they extend: an attribute's name ("keys"), (a list attribute's name,
@@ -181,7 +182,7 @@ class DecodeStorage:
         n = new[0].shape[-2]
         if not torch.compiler.is_compiling():
             filled = int(self._fill)
-            if n > 1 and filled == self._fill0:
+            if n > 1 and filled == self._fill0 and not self.decoding:
                 raise ValueError(
                     f"compresskv: {type(self).__name__} with decode_tokens= (static decoding) compresses the prompt's "
                     "first forward only; a second multi-token forward before any decode step (chunked prefill, "
