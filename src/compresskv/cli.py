@@ -93,10 +93,10 @@ def _methods(text: str) -> list[str]:
 
 
 def _all_tasks() -> list[str]:
-    from .eval.bench import PERPLEXITY
+    from .eval.bench import AFTER, PERPLEXITY
     from .eval.tasks import available_tasks
 
-    return available_tasks() + [PERPLEXITY]
+    return available_tasks() + [PERPLEXITY] + [t + AFTER for t in available_tasks()]
 
 
 def _tasks(text: str) -> list[str]:
@@ -193,6 +193,10 @@ def bench(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     methods = args.methods or available_methods()
     tasks = args.tasks or available_tasks() + ([PERPLEXITY] if args.text else [])
+    if args.question_after:  # each RULER-style task also with its question asked after compression
+        from .eval.bench import AFTER
+
+        tasks = tasks + [t + AFTER for t in tasks if t != PERPLEXITY and not t.endswith(AFTER) and t + AFTER not in tasks]
     from .models import DEFAULT_MODEL
 
     config = BenchConfig(
@@ -289,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tasks", type=_tasks, default=None, help="comma-separated: niah_single, niah_multikey, "
                    "niah_multivalue, niah_multiquery, vt, cwe, perplexity (default: all six RULER-style tasks, plus "
                    "perplexity with --text)")
+    b.add_argument("--question-after", action="store_true",
+                   help="also run each task with its question asked after the context alone was compressed (rows "
+                   "named TASK:after, in the same run; the cache is compressed without knowing the question)")
     b.add_argument("--length", type=_count(1, _LENGTH), default=4096,
                    help="prompt (perplexity: prefix) length in tokens (default: 4096)")
     b.add_argument("--seeds", type=_seeds, default="0", help="comma-separated seeds, one prompt per task and seed (default: 0)")

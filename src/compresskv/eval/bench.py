@@ -33,6 +33,9 @@ from .plots import plot, plot_ratio  # noqa: F401 - the figure lives in plots.py
 
 FULL = "full"
 PERPLEXITY = "perplexity"
+#: a task name ending in this asks the task's question after the context alone was compressed
+#: (``niah_single:after``; ``compresskv bench --question-after`` adds it for every task)
+AFTER = ":after"
 
 
 @dataclass
@@ -125,9 +128,10 @@ def run_bench(
     from .tasks import available_tasks, make_task
 
     say = log or tqdm.write
-    unknown = [t for t in config.tasks if t != PERPLEXITY and t not in available_tasks()]
+    unknown = [t for t in config.tasks if t != PERPLEXITY and t.removesuffix(AFTER) not in available_tasks()]
     if unknown:
-        raise ValueError(f"compresskv bench: unknown tasks {unknown}; choose from {available_tasks() + [PERPLEXITY]}")
+        raise ValueError(f"compresskv bench: unknown tasks {unknown}; choose from {available_tasks() + [PERPLEXITY]}, "
+                         f"a task name with {AFTER!r} asks its question after the context was compressed")
     if PERPLEXITY in config.tasks and not config.text:
         raise ValueError("compresskv bench: the perplexity task needs a text (--text PATH or hf:NAME)")
     device = next(model.parameters()).device
@@ -165,8 +169,9 @@ def run_bench(
                     need = (config.length + config.continuation) * 8
                     text_ids = tokenize_text(tokenizer, load_text(config.text, min_chars=need))  # type: ignore[arg-type]
                 tasks[task, seed] = make_perplexity_task(tokenizer, text_ids, config.length, config.continuation, seed)
-            else:
-                tasks[task, seed] = make_task(task, tokenizer, config.length, seed=seed, haystack=haystack_text)
+            else:  # (the ":after" variant is the same prompt, split at its question)
+                tasks[task, seed] = make_task(task.removesuffix(AFTER), tokenizer, config.length, seed=seed,
+                                              haystack=haystack_text)
         return tasks[task, seed]
 
     current: tuple[str, float] | None = None
@@ -235,7 +240,7 @@ def _run_one(model: Any, tokenizer: Any, builder: Any, task_obj: Any, task: str,
             result = run_perplexity(model, task_obj, cache)
             result["score"] = None
         else:
-            result = measure.run_task(model, tokenizer, task_obj, cache)
+            result = measure.run_task(model, tokenizer, task_obj, cache, question_after=task.endswith(AFTER))
             result["expected"] = task_obj.answers
         if cache is not None and hasattr(cache, "stats"):
             stored = [n for n in cache.stats().tokens_stored if n is not None]

@@ -157,9 +157,15 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 @torch.inference_mode()
-def run_task(model: Any, tokenizer: Any, task: Any, cache: Any = None, max_new_tokens: int | None = None) -> dict[str, Any]:
+def run_task(model: Any, tokenizer: Any, task: Any, cache: Any = None, max_new_tokens: int | None = None,
+             question_after: bool = False) -> dict[str, Any]:
     """Answer ``task`` (a :class:`~compresskv.eval.tasks.Task` or :class:`~compresskv.eval.NeedleTask`)
     greedily with ``cache`` (``None``: a fresh ``DynamicCache``) and measure the run.
+
+    ``question_after``: prefill the context alone (the prompt up to ``task.context_length``: a
+    compressed cache compresses it without the question), close the prompt
+    (:meth:`~compresskv.CompressedCache.end_prompt`), then feed the question and the answer prefix
+    in one more forward, appended uncompressed; both forwards are the prefill's time.
 
     Decoding always runs ``max_new_tokens`` steps (default: the task's), so decode speed is taken
     over the same number of steps for every cache; the answer is cut at the first end-of-turn
@@ -174,9 +180,18 @@ def run_task(model: Any, tokenizer: Any, task: Any, cache: Any = None, max_new_t
     ids = task.input_ids.to(device)
     mem = PeakMemory(device).start()
     cache = cache if cache is not None else DynamicCache(config=model.config)
+    split = getattr(task, "context_length", None) if question_after else None
+    if question_after and not split:
+        raise ValueError(f"compresskv: task {getattr(task, 'name', task)!r} does not say where its question starts "
+                         "(context_length); it cannot be asked after the context (needs a fast tokenizer)")
     with mem.phase() as prefill_mem:
         _sync(device)
         start = time.perf_counter()
+        if split:
+            model(input_ids=ids[:, :split], use_cache=True, logits_to_keep=1, **compat.cache_kwargs(cache, model.forward))
+            if hasattr(cache, "end_prompt"):
+                cache.end_prompt()
+            ids = ids[:, split:]
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **compat.cache_kwargs(cache, model.forward))
         token = out.logits[:, -1:].argmax(-1)
         _sync(device)

@@ -104,6 +104,10 @@ class Task:
         max_new_tokens: how many tokens to generate for the answer.
         target_length: the length asked for (the prompt is within 2% of it).
         info: task-specific details (keys asked, depths, word frequencies, ...).
+        context_length: how many of :attr:`input_ids` come before the question (the rest: the
+            question, the end of the turn and the answer prefix), for asking it after the context
+            was compressed (``compresskv bench --question-after``); ``None`` when the tokenizer
+            gives no offsets to find it.
     """
 
     name: str
@@ -114,6 +118,7 @@ class Task:
     max_new_tokens: int
     target_length: int
     info: dict[str, Any] = field(default_factory=dict)
+    context_length: int | None = None
 
     @property
     def length(self) -> int:
@@ -138,18 +143,34 @@ def score_all(text: str, answers: list[str]) -> float:
 
 
 # -- prompts ---------------------------------------------------------------------------------
-def prompt_ids(tokenizer: Any, user: str, answer_prefix: str = "") -> list[int]:
-    """Token ids of ``user`` as one chat turn (the model's chat template when it has one),
-    followed by ``answer_prefix`` at the start of the assistant's reply."""
+def _prompt_text(tokenizer: Any, user: str, answer_prefix: str) -> tuple[str, bool]:
+    """The prompt's text and whether the tokenizer adds its special tokens to it."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
         )
-        if answer_prefix:
-            text += answer_prefix
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    text = f"{user}\n\n{answer_prefix}" if answer_prefix else user
-    return list(tokenizer(text)["input_ids"])
+        return text + answer_prefix, False
+    return (f"{user}\n\n{answer_prefix}" if answer_prefix else user), True
+
+
+def prompt_ids(tokenizer: Any, user: str, answer_prefix: str = "") -> list[int]:
+    """Token ids of ``user`` as one chat turn (the model's chat template when it has one),
+    followed by ``answer_prefix`` at the start of the assistant's reply."""
+    text, special = _prompt_text(tokenizer, user, answer_prefix)
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def question_start(tokenizer: Any, user: str, answer_prefix: str, question: str) -> int | None:
+    """How many of :func:`prompt_ids`'s tokens come before ``question`` (its last occurrence in
+    ``user``): the first token that reaches into it starts the question part. ``None`` when the
+    tokenizer gives no character offsets (a slow tokenizer)."""
+    text, special = _prompt_text(tokenizer, user, answer_prefix)
+    at = text.rindex(question)
+    try:
+        offsets = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, KeyError, TypeError):
+        return None
+    return next((i for i, (begin, end) in enumerate(offsets) if end > at and end > begin), None)
 
 
 class Haystack:
@@ -324,9 +345,10 @@ def _niah(tokenizer: Any, length: int, seed: int, haystack: Haystack, n_keys: in
     def build(n: int) -> tuple[str, str]:
         return f"{NIAH_INTRO}\n{haystack.weave(n, inserts)}\n{question}", prefix
 
-    ids, _ = fit_length(tokenizer, build, length, max_units=haystack.max_units)
+    ids, n = fit_length(tokenizer, build, length, max_units=haystack.max_units)
     info = {"keys": keys, "asked": asked, "depths": [d for d, _ in inserts]}
-    return Task(name, torch.tensor([ids]), answers, needles, seed, max_new, length, info)
+    return Task(name, torch.tensor([ids]), answers, needles, seed, max_new, length, info,
+                question_start(tokenizer, *build(n), question))
 
 
 def niah_single(tokenizer: Any, length: int, seed: int = 0, haystack: str | None = None) -> Task:
@@ -381,9 +403,10 @@ def vt(tokenizer: Any, length: int, seed: int = 0, haystack: str | None = None, 
     def build(n: int) -> tuple[str, str]:
         return f"{intro}\n\n{hay.weave(n, inserts)}\n\n{question}", prefix
 
-    ids, _ = fit_length(tokenizer, build, length, max_units=hay.max_units)
+    ids, n = fit_length(tokenizer, build, length, max_units=hay.max_units)
     info = {"value": value, "depths": depths}
-    return Task("vt", torch.tensor([ids]), names, needles, seed, 32, length, info)
+    return Task("vt", torch.tensor([ids]), names, needles, seed, 32, length, info,
+                question_start(tokenizer, *build(n), question))
 
 
 def cwe(
@@ -428,7 +451,7 @@ def cwe(
 
     ids, n = fit_length(tokenizer, build, length, max_units=len(rest))
     info = {"freq_common": freq_common, "freq_rare": freq_rare, "rare_words": min(n, len(rest))}
-    return Task("cwe", torch.tensor([ids]), top, [], seed, 64, length, info)
+    return Task("cwe", torch.tensor([ids]), top, [], seed, 64, length, info, question_start(tokenizer, *build(n), question))
 
 
 TASKS: dict[str, Callable[..., Task]] = {
