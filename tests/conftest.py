@@ -137,3 +137,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not (dry_run and item.module.__name__ == "test_gpu"):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny byte-level BPE tokenizer with a chat template (``tests/tiny_tokenizer.py``), for the
+    evaluation tests (a module that defines its own ``tok`` uses that)."""
+    from tiny_tokenizer import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """A 2-layer random llama with the tiny tokenizer's vocabulary (a module that defines its own
+    ``model`` fixture uses that)."""
+    return tiny_model("llama", vocab_size=len(tok), layers=2)

@@ -12,19 +12,9 @@ import compresskv.eval.bench as bench_mod
 from compresskv import cli
 from compresskv.eval.bench import FULL, BenchConfig, aggregate, read_rows, run_bench, table_markdown
 from conftest import tiny_model
-from tiny_tokenizer import prose, tiny_tokenizer
+from tiny_tokenizer import prose
 
 LENGTH = 640
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model("llama", vocab_size=len(tok), layers=2)
 
 
 @pytest.fixture

@@ -23,20 +23,9 @@ from compresskv.eval import (
     score_all,
 )
 from compresskv.eval.tasks import Haystack, fit_length
-from conftest import tiny_model
-from tiny_tokenizer import prose, tiny_tokenizer
+from tiny_tokenizer import prose
 
 TASKS = available_tasks()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model("llama", vocab_size=len(tok), layers=2)
 
 
 def correct_answer(task) -> str:

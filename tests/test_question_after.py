@@ -13,20 +13,8 @@ from compresskv import cli
 from compresskv.eval import measure
 from compresskv.eval.bench import FULL, BenchConfig, read_rows, run_bench
 from compresskv.eval.tasks import available_tasks, make_task
-from conftest import tiny_model
-from tiny_tokenizer import tiny_tokenizer
 
 LENGTH = 640
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model("llama", vocab_size=len(tok), layers=2)
 
 
 @pytest.mark.parametrize("name", available_tasks())
