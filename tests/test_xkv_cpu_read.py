@@ -9,7 +9,7 @@ import torch
 
 import compresskv
 from compresskv.crosslayer import ReadCost, XKVLayer
-from compresskv.crosslayer.positions import RotaryTable
+from compresskv.core.rope import RotaryTable
 from compresskv.crosslayer.xkv import ROPE_HALVES, pair_order
 from conftest import batch_inputs, greedy, kv, tiny_model
 

@@ -31,12 +31,12 @@ import torch
 from ..core.attention import AttentionCall
 from ..core.cache import KVLayer
 from ..core.facts import model_dims, text_config
+from ..core.rope import RotaryTable
 from ..core.storage import tensor_bytes
 from ..kernels.xkv_decode import MAX_ROWS, PrefixRope, merge_with_tail, triton_usable, xkv_decode
 from .factors import KEYS_MODES, SVD_SOLVERS, KeysMode, _is_int, _is_number, ranks_for_ratio, truncated_factors
 from .group import ReadCost, _Group, _GroupedCache, _PrefixLayer
 from .keys import PAIRED_DTYPES, ROPE_HALVES, PrefixKeys, pair_order
-from .positions import RotaryTable
 
 #: the ``read_mode`` values of xKV/SVD/MiniCache (see :data:`compresskv.core.readmode.READ_MODES`)
 READ_MODES = ("auto", "latent", "rebuild", "model", "fused")

@@ -19,7 +19,7 @@ class PrefixRope:
     Positions are either ``offsets`` (``[batch, 1]`` integers: token ``t`` of row ``b`` sits at
     ``offsets[b] + t``, what ``generate`` produces, left padding included) or ``table``
     (``[batch, T]`` integers). ``inv_freq`` is ``[d/2]``; ``scaling`` is the rotary embedding's
-    ``attention_scaling``. This is exactly :meth:`compresskv.crosslayer.positions.RotaryTable.table`.
+    ``attention_scaling``. This is exactly :meth:`compresskv.core.rope.RotaryTable.table`.
     """
 
     inv_freq: torch.Tensor
