@@ -84,7 +84,7 @@ SMOKE_SHAPES: dict[str, dict[str, Any]] = {
                          num_attention_heads=6, num_key_value_heads=2, head_dim=16, rope_theta=100000.0,
                          tie_word_embeddings=True),
 }
-EVICTION = ("snapkv", "pyramidkv", "streamingllm", "knorm")
+EVICTION = ("snapkv", "pyramidkv", "streamingllm", "knorm", "expected_attention")
 PROJECTED = ("matryoshka", "pca")
 #: methods whose options set the bytes ratio exactly (up to rounding and small per-layer factors)
 EXACT_RATIO = EVICTION + PROJECTED + ("xkv", "svd", "elitekv")

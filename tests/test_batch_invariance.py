@@ -40,6 +40,8 @@ SETTINGS: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]]] = {
     "streamingllm-ratio": ("streamingllm", lambda m: dict(compression_ratio=0.5)),
     "knorm-ratio": ("knorm", lambda m: dict(compression_ratio=0.5)),
     "knorm-budget-window": ("knorm", lambda m: dict(budget=20, window_size=4)),
+    "expected-attention-ratio": ("expected_attention", lambda m: dict(compression_ratio=0.5)),
+    "expected-attention-budget-window": ("expected_attention", lambda m: dict(budget=20, window_size=4)),
     "matryoshka": ("matryoshka", lambda m: dict(projections=_projections(m), compression_ratio=0.5)),
     "pca": ("pca", lambda m: dict(projections=_projections(m), compression_ratio=0.5)),
     "xkv-ratio": ("xkv", lambda m: dict(compression_ratio=0.5)),

@@ -29,7 +29,7 @@ _EXPORTS = {
     "CacheStats": "core", "CompressedCache": "core", "KVLayer": "core",
     "MiniCache": "crosslayer", "SVDCache": "crosslayer", "XKVCache": "crosslayer",
     "EliteKVCache": "elitekv",
-    "KnormCache": "eviction", "PyramidKVCache": "eviction", "SnapKVCache": "eviction",
+    "ExpectedAttentionCache": "eviction", "KnormCache": "eviction", "PyramidKVCache": "eviction", "SnapKVCache": "eviction",
     "StreamingLLMCache": "eviction", "pyramid_budgets": "eviction",
     "MatryoshkaKVCache": "projected", "PCAKVCache": "projected", "Projections": "projected",
     "allocate_ranks": "projected", "calibrate": "projected", "train_projections": "projected",
@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # what static tools see
     from .core import CacheStats, CompressedCache, KVLayer
     from .crosslayer import MiniCache, SVDCache, XKVCache
     from .elitekv import EliteKVCache
-    from .eviction import KnormCache, PyramidKVCache, SnapKVCache, StreamingLLMCache, pyramid_budgets
+    from .eviction import ExpectedAttentionCache, KnormCache, PyramidKVCache, SnapKVCache, StreamingLLMCache, pyramid_budgets
     from .data import sample_text
     from .models import DEFAULT_MODEL, load_model
     from .patching import available_methods, make_cache, method_options, patch, patched, register_method, unpatch
@@ -63,6 +63,7 @@ __all__ = [
     "CacheStats",
     "CompressedCache",
     "EliteKVCache",
+    "ExpectedAttentionCache",
     "KVLayer",
     "KnormCache",
     "MatryoshkaKVCache",

@@ -35,12 +35,13 @@ def _registry() -> dict[str, CacheFactory]:
         _builtins_loaded = True
         from . import elitekv
         from .crosslayer import MiniCache, SVDCache, XKVCache
-        from .eviction import KnormCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
+        from .eviction import ExpectedAttentionCache, KnormCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
         from .projected import MatryoshkaKVCache, PCAKVCache
 
         builtins = {"pyramidkv": PyramidKVCache, "snapkv": SnapKVCache, "knorm": KnormCache,
                     "streamingllm": StreamingLLMCache, "matryoshka": MatryoshkaKVCache, "pca": PCAKVCache,
-                    "xkv": XKVCache, "svd": SVDCache, "minicache": MiniCache, "elitekv": elitekv.make_cache}
+                    "xkv": XKVCache, "svd": SVDCache, "minicache": MiniCache, "elitekv": elitekv.make_cache,
+                    "expected_attention": ExpectedAttentionCache}
         for name, factory in builtins.items():
             _METHODS.setdefault(name, factory)  # a method the user registered first keeps its factory
     return _METHODS

@@ -30,7 +30,8 @@ class RotaryTable:
     ``layer_type=``), is used for ``layer_type``: the type of the compressed layers.
     """
 
-    def __init__(self, model: torch.nn.Module, owner: str, layer_type: str | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, owner: str, layer_type: str | None = None,
+                 needs: str = "keys='pre_rope'", instead: str = "use keys='post_rope'") -> None:
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
         rotary = getattr(decoder, "rotary_emb", None)
         if rotary is None:
@@ -43,9 +44,9 @@ class RotaryTable:
             per_type = sorted(getattr(rotary, "layer_types", None) or []) if rotary is not None else []
             found = f" (it has frequencies for layer types {per_type}, not {layer_type!r})" if per_type else ""
             raise ValueError(
-                f"{owner}: keys='pre_rope' needs the model's rotary embedding (a `rotary_emb` module with "
+                f"{owner}: {needs} needs the model's rotary embedding (a `rotary_emb` module with "
                 f"`inv_freq`, or `<layer_type>_inv_freq` for the compressed layers' type), and "
-                f"{type(model).__name__} has none{found}; use keys='post_rope'."
+                f"{type(model).__name__} has none{found}; {instead}."
             )
         self.rotary = rotary
         self.scaling = float(getattr(rotary, self._prefix + "attention_scaling", 1.0) or 1.0)

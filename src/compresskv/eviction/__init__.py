@@ -3,11 +3,13 @@ prefill. A method is an :class:`EvictionCache` subclass overriding ``scores`` (a
 per-layer budgets); see :mod:`compresskv.eviction.knorm` for the smallest one."""
 
 from .base import EvictionCache, EvictionLayer, PyramidKVCache, SnapKVCache, StreamingLLMCache, pyramid_budgets
+from .expected import ExpectedAttentionCache
 from .knorm import KnormCache
 
 __all__ = [
     "EvictionCache",
     "EvictionLayer",
+    "ExpectedAttentionCache",
     "KnormCache",
     "PyramidKVCache",
     "SnapKVCache",
