@@ -76,6 +76,7 @@ NO_COMPRESSION: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]
     "pyramidkv": ("pyramidkv", lambda m: dict(budget=EVERYTHING, window_size=8)),
     "streamingllm": ("streamingllm", lambda m: dict(window=EVERYTHING)),
     "knorm": ("knorm", lambda m: dict(budget=EVERYTHING)),
+    "expected_attention": ("expected_attention", lambda m: dict(budget=EVERYTHING)),
     "matryoshka": ("matryoshka", lambda m: dict(projections=_projections(m), rank=HEAD_DIM)),
     "pca": ("pca", lambda m: dict(projections=_projections(m), rank=HEAD_DIM)),
     "xkv": ("xkv", lambda m: dict(group_size=2, rank_k=_full_width(m, 2), rank_v=_full_width(m, 2))),
@@ -91,6 +92,7 @@ COMPRESSING: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]]] 
     "pyramidkv": ("pyramidkv", lambda m: dict(compression_ratio=0.5, window_size=8)),
     "streamingllm": ("streamingllm", lambda m: dict(compression_ratio=0.5)),
     "knorm": ("knorm", lambda m: dict(compression_ratio=0.5)),
+    "expected_attention": ("expected_attention", lambda m: dict(compression_ratio=0.5)),
     "matryoshka": ("matryoshka", lambda m: dict(projections=_projections(m), compression_ratio=0.5)),
     "pca": ("pca", lambda m: dict(projections=_projections(m), compression_ratio=0.5)),
     "xkv": ("xkv", lambda m: dict(compression_ratio=0.5)),  # groups of 4: one group spans both devices
