@@ -94,7 +94,7 @@ def test_eviction_ties_go_to_the_earlier_token():
     keys = torch.randn(1, 2, 12, 16)
     layer.keys, layer.values, layer.is_initialized = keys, keys.clone(), True
     prefix_scores = torch.tensor([1.0, 3.0, 3.0, 3.0, 2.0, 3.0, 0.5, 0.5])  # four tokens tie at 3.0
-    cache.scores = lambda *args: prefix_scores.expand(1, 2, 8)  # type: ignore[method-assign]
+    cache.scores = lambda *args, **kwargs: prefix_scores.expand(1, 2, 8)  # type: ignore[method-assign]
 
     class Call:  # what compress() reads of an attention call
         pad2d = None

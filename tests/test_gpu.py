@@ -75,6 +75,8 @@ NO_COMPRESSION: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]
     "snapkv": ("snapkv", lambda m: dict(budget=EVERYTHING, window_size=8)),
     "pyramidkv": ("pyramidkv", lambda m: dict(budget=EVERYTHING, window_size=8)),
     "streamingllm": ("streamingllm", lambda m: dict(window=EVERYTHING)),
+    "snapkv-bounded": ("snapkv", lambda m: dict(budget=EVERYTHING, window_size=8, decode_budget=EVERYTHING)),
+    "streamingllm-bounded": ("streamingllm", lambda m: dict(window=EVERYTHING, decode_budget=EVERYTHING)),
     "knorm": ("knorm", lambda m: dict(budget=EVERYTHING)),
     "expected_attention": ("expected_attention", lambda m: dict(budget=EVERYTHING)),
     "matryoshka": ("matryoshka", lambda m: dict(projections=_projections(m), rank=HEAD_DIM)),
@@ -91,6 +93,9 @@ COMPRESSING: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]]] 
     "snapkv": ("snapkv", lambda m: dict(compression_ratio=0.5, window_size=8)),
     "pyramidkv": ("pyramidkv", lambda m: dict(compression_ratio=0.5, window_size=8)),
     "streamingllm": ("streamingllm", lambda m: dict(compression_ratio=0.5)),
+    # 24 prompt tokens kept, then evicting every 4 decode steps (at most 28 a layer)
+    "snapkv-bounded": ("snapkv", lambda m: dict(compression_ratio=0.5, window_size=8, decode_budget=28, decode_interval=4)),
+    "streamingllm-bounded": ("streamingllm", lambda m: dict(compression_ratio=0.5, decode_budget=28, decode_interval=4)),
     "knorm": ("knorm", lambda m: dict(compression_ratio=0.5)),
     "expected_attention": ("expected_attention", lambda m: dict(compression_ratio=0.5)),
     "matryoshka": ("matryoshka", lambda m: dict(projections=_projections(m), compression_ratio=0.5)),

@@ -41,7 +41,9 @@ def test_keeps_the_lowest_norm_keys_and_holds_only_them():
 def test_registered_and_ratio_bytes():
     model = tiny_model("llama", "sdpa")
     assert "knorm" in compresskv.available_methods()
-    assert compresskv.method_options("knorm") == ["budget", "compression_ratio", "window_size", "decode_tokens"]
+    assert compresskv.method_options("knorm") == [
+        "budget", "compression_ratio", "window_size", "decode_tokens", "decode_budget", "decode_interval"
+    ]
     ids, mask = batch_inputs(1, length=64)
     cache = compresskv.make_cache(model, "knorm", compression_ratio=0.75)
     greedy(model, ids, mask, cache, new_tokens=1)

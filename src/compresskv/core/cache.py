@@ -21,6 +21,7 @@ from . import attention as _attention
 from .attention import AttentionCall
 from .decode import DecodeStorage
 from .facts import full_attention_layers, model_dims, plain_layers, text_config
+from .ops import take_tokens
 from .storage import Storage, batch_fn, tensor_bytes
 
 
@@ -82,6 +83,8 @@ class KVLayer(Storage, DecodeStorage, CacheLayerMixin):
         if self.static:
             self.write_static(key_states, value_states)
             return
+        if self.prefilled:
+            self.make_room(key_states.shape[-2])
         self.stored_before = self.keys.shape[-2]
         if self.prefilled:
             self.keys = self.write_in_room(self.keys, key_states, "keys")
@@ -90,6 +93,10 @@ class KVLayer(Storage, DecodeStorage, CacheLayerMixin):
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
+
+    def make_room(self, n: int) -> None:
+        """Before ``n`` tokens are appended after the prompt: a layer with a bounded size evicts
+        here (see :mod:`compresskv.eviction.bounded`); the base keeps everything."""
 
     def mark_pending(self) -> None:
         """Tell compresskv's attention function that the next attention call of model layer
@@ -183,17 +190,23 @@ class KVLayer(Storage, DecodeStorage, CacheLayerMixin):
             )
         return self.valid[:, 0, :stored]
 
-    def keep(self, index: torch.Tensor, slot_valid: torch.Tensor | None = None) -> None:
+    def keep(self, index: torch.Tensor, slot_valid: torch.Tensor | None = None, capacity: int | None = None) -> None:
         """Keep only the stored tokens at ``index`` (``[batch, kv_heads, n]``); ``slot_valid``
-        (same shape) marks slots kept only as filler, masked from then on."""
-        gather = index[..., None]
-        self.free_room()  # the kept tokens are new tensors
-        self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
+        (same shape) marks slots kept only as filler, masked from then on. With ``capacity`` the
+        kept tokens go to the front of the layer's room of that many slots (a bounded layer's,
+        reused eviction after eviction); without, they are new tensors."""
+        keys, values = take_tokens(self.keys, index), take_tokens(self.values, index)
         valid = self.valid.gather(2, index) if self.valid is not None else None
         if slot_valid is not None:
             valid = slot_valid if valid is None else valid & slot_valid
-        self.valid = None if valid is None or bool(valid.all()) else valid
+        valid = None if valid is None or bool(valid.all()) else valid
+        if capacity is None:
+            self.free_room()
+            self.keys, self.values, self.valid = keys, values, valid
+            return
+        self.keys = self.refill_room(keys, "keys", capacity)
+        self.values = self.refill_room(values, "values", capacity)
+        self.valid = None if valid is None else self.refill_room(valid[..., None], "valid", capacity)[..., 0]
 
     # -- what transformers asks --------------------------------------------------------------
     def stored(self) -> int:

@@ -78,12 +78,28 @@ class DecodeStorage:
         room = self._rooms.get(key)
         used, n = stored.shape[-2], new.shape[-2]
         if not self._is_prefix(stored, room) or used + n > room.shape[-2]:
-            grow = max(self.ROOM_TOKENS, used // 32)
-            room = stored.new_empty(*stored.shape[:-2], used + n + grow, stored.shape[-1])
+            room = stored.new_empty(*stored.shape[:-2], self.room_size(used, n), stored.shape[-1])
             room[..., :used, :] = stored
             self._rooms[key] = room
         room[..., used : used + n, :] = new
         return room[..., : used + n, :]
+
+    def room_size(self, used: int, n: int) -> int:
+        """Slots of a new room for ``used`` stored tokens and ``n`` new ones: ``max(16 tokens, 1/32
+        of the stored)`` more (a layer with a fixed capacity, a bounded one, says its own)."""
+        return used + n + max(self.ROOM_TOKENS, used // 32)
+
+    def refill_room(self, kept: torch.Tensor, key: Any, capacity: int) -> torch.Tensor:
+        """Write ``kept`` (tokens along dim -2) at the front of the room of ``key``, which holds
+        ``capacity`` slots and is allocated only when it does not exist yet (or no longer fits);
+        returns the view of the written tokens, which :meth:`write_in_room` extends in place."""
+        room = self._rooms.get(key)
+        if (room is None or room.shape[:-2] != kept.shape[:-2] or room.shape[-1] != kept.shape[-1]
+                or room.shape[-2] < max(capacity, kept.shape[-2]) or room.dtype != kept.dtype):
+            room = kept.new_empty(*kept.shape[:-2], max(capacity, kept.shape[-2]), kept.shape[-1])
+            self._rooms[key] = room
+        room[..., : kept.shape[-2], :] = kept
+        return room[..., : kept.shape[-2], :]
 
     def append_valid(self, new: torch.Tensor) -> torch.Tensor:
         """The validity ``[batch, kv_heads, stored]`` followed by ``new`` columns, in the room way."""

@@ -5,7 +5,8 @@ Eviction happens right after prefill attention (which ran on the full keys and v
 full-attention layer keeps, per KV head, the tokens its policy scores highest plus a recent
 window, and drops the rest for good. A prompt fed in chunks (``generate(prefill_chunk_size=...)``)
 is evicted again after each chunk, to the budget of the prompt tokens seen so far, with scores
-from that chunk's own queries. Decoding appends. Scores come from the prompt's own query states,
+from that chunk's own queries. Decoding appends, without limit unless the cache has a
+``decode_budget`` (:mod:`compresskv.eviction.bounded`). Scores come from the prompt's own query states,
 handed over by compresskv's attention function, so no model-specific code is needed.
 """
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from ..core.attention import AttentionCall
 from ..core.cache import CompressedCache, KVLayer
+from .bounded import BoundedDecode
 
 Pooling = Literal["maxpool", "avgpool"]
 POOLINGS = ("maxpool", "avgpool")
@@ -154,13 +156,26 @@ def streaming_scores(
 
 
 # -- layers and caches ---------------------------------------------------------------------------
-class EvictionLayer(KVLayer):
+class EvictionLayer(BoundedDecode, KVLayer):
     """A full-attention layer that evicts what its cache's scores say after the prompt: once
-    after a whole prompt, or after each chunk of a chunked one."""
+    after a whole prompt, or after each chunk of a chunked one; with a ``decode_budget``, again
+    while decoding (:mod:`compresskv.eviction.bounded`)."""
+
+    storage = ("keys", "values", "recent_queries", "row_pad")
 
     def __init__(self, cache: "EvictionCache", index: int, n_full: int) -> None:
         super().__init__()
         self.cache, self.index, self.n_full = cache, index, n_full
+        self.init_bounded()
+
+    def after_attention(self, call: AttentionCall) -> None:
+        super().after_attention(call)
+        if self.cache.decode_budget is not None:
+            self.remember(call)
+
+    def reset(self) -> None:
+        super().reset()
+        self.init_bounded()
 
     def compress(self, call: AttentionCall) -> None:
         """Evict after the prompt's first (or only) forward."""
@@ -204,7 +219,8 @@ class EvictionLayer(KVLayer):
             n_keep, window = plan
             window = min(window, q_len)  # a chunk shorter than the window scores with all its queries
             scores = self.cache.scores(
-                call.query[sel], self.keys[sel], valid[sel] if valid is not None else None, window, call.scaling
+                call.query[sel], self.keys[sel], valid[sel] if valid is not None else None, window, call.scaling,
+                seen=torch.tensor(lengths, device=device)[sel],
             )
             # A stable sort breaks ties (pooling makes plateaus) by position, on every device and
             # whatever padding precedes the row: topk would not.
@@ -222,7 +238,9 @@ class EvictionLayer(KVLayer):
 
 
 class EvictionCache(CompressedCache):
-    """Base of the eviction caches: a budget (tokens per layer) or a compression ratio."""
+    """Base of the eviction caches: a budget (tokens per layer) or a compression ratio for the
+    prompt, and optionally a ``decode_budget`` (tokens per layer while decoding, evicting every
+    ``decode_interval`` steps: :mod:`compresskv.eviction.bounded`)."""
 
     method = "eviction"
 
@@ -233,8 +251,26 @@ class EvictionCache(CompressedCache):
         compression_ratio: float | None = None,
         window_size: int = 32,
         decode_tokens: int | None = None,
+        decode_budget: int | None = None,
+        decode_interval: int = 32,
     ) -> None:
         self.decode_tokens = decode_tokens  # checked by CompressedCache
+        who = type(self).__name__
+        if isinstance(decode_interval, bool) or not isinstance(decode_interval, int) or decode_interval < 1:
+            raise ValueError(f"{who}: decode_interval must be an int >= 1, got {decode_interval!r}.")
+        if decode_budget is not None:
+            least = window_size + decode_interval + 1
+            if isinstance(decode_budget, bool) or not isinstance(decode_budget, int) or decode_budget < least:
+                raise ValueError(
+                    f"{who}: decode_budget (most tokens a layer holds while decoding) must be an int >= "
+                    f"window_size + decode_interval + 1 = {least}, or None (unbounded), got {decode_budget!r}."
+                )
+            if decode_tokens is not None:
+                raise ValueError(
+                    f"{who}: decode_budget= (bounded decoding, which evicts every decode_interval steps) and "
+                    "decode_tokens= (static buffers for torch.compile) cannot be combined; give one of them."
+                )
+        self.decode_budget, self.decode_interval = decode_budget, decode_interval
         if not isinstance(window_size, int) or window_size < 0:
             raise ValueError(f"{type(self).__name__}: window_size must be an int >= 0, got {window_size!r}.")
         if (budget is None) == (compression_ratio is None):
@@ -261,6 +297,15 @@ class EvictionCache(CompressedCache):
     def make_layer(self, index: int, n_full: int) -> KVLayer:
         return EvictionLayer(self, index, n_full)
 
+    def decode_limit(self, index: int, n_full: int) -> int | None:
+        """Most tokens the ``index``-th of ``n_full`` layers holds while decoding (``None``: no limit)."""
+        return self.decode_budget
+
+    @property
+    def query_memory(self) -> int:
+        """Last queries a bounded layer keeps to score with (its window's)."""
+        return self.window_size
+
     def layer_budget(self, seq_len: int) -> tuple[int, int]:
         """(average tokens kept per layer, recent window kept) for a prompt of ``seq_len`` tokens."""
         if self.budget is not None:
@@ -276,12 +321,14 @@ class EvictionCache(CompressedCache):
         return None if seq_len <= kept else (kept, window)
 
     def scores(
-        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float
+        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float,
+        seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores of the ``T - window`` tokens before the window, ``[batch, kv_heads, T - window]``;
         the highest are kept. ``query`` holds the last ``q_len <= T`` tokens' queries; ``valid``
         (``[batch, kv_heads, T]``, ``None`` when all are real) marks the stored and new tokens
-        that are real. Each policy overrides this."""
+        that are real; ``seen`` (``[batch]``) the real tokens each row has seen, the newest one's position
+        plus one. Each policy overrides this."""
         raise NotImplementedError(f"{type(self).__name__} must define scores()")
 
 
@@ -298,7 +345,8 @@ class _SnapScoring(EvictionCache):
         super().__init__(model, **kwargs)
 
     def scores(
-        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float
+        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float,
+        seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return snapkv_scores(query, keys, valid, window, scaling, self.kernel_size, self.pooling)
 
@@ -318,7 +366,10 @@ class SnapKVCache(_SnapScoring):
             tokens whose queries score the rest, always kept; default 32) and ``decode_tokens``
             (room for that many decoded tokens made right after compression, for static decoding:
             the cache is then compileable, for ``torch.compile`` / ``generate(compile_config=...)``;
-            see :mod:`compresskv.core.decode`).
+            see :mod:`compresskv.core.decode`), ``decode_budget`` (most tokens a layer holds while
+            decoding: every ``decode_interval`` steps, default 32, it evicts again with the queries
+            of the last ``window_size`` tokens; ``None``, the default: decoding appends without
+            limit; see :mod:`compresskv.eviction.bounded`).
     """
 
     method = "snapkv"
@@ -345,6 +396,14 @@ class PyramidKVCache(_SnapScoring):
         budgets = pyramid_budgets(seq_len, kept, window, n_full, self.beta)
         return None if budgets is None else (budgets[index], window)
 
+    def decode_limit(self, index: int, n_full: int) -> int | None:
+        """The pyramid while decoding too: what a layer keeps after an eviction falls with depth
+        around ``decode_budget - decode_interval`` on average."""
+        if self.decode_budget is None:
+            return None
+        kept = pyramid_budgets(1 << 62, self.decode_budget - self.decode_interval, self.window_size, n_full, self.beta)
+        return kept[index] + self.decode_interval
+
 
 class StreamingLLMCache(EvictionCache):
     """StreamingLLM (arXiv 2309.17453): keep the first ``sink`` real tokens of each row and the
@@ -359,6 +418,10 @@ class StreamingLLMCache(EvictionCache):
             ``sink + 1``: the sinks and the most recent token.
         decode_tokens: room for that many decoded tokens, for static, compileable decoding (as
             :class:`SnapKVCache`).
+        decode_budget: most tokens a layer holds while decoding: every ``decode_interval`` steps
+            the middle is evicted again, keeping the sinks and the most recent tokens (the rolling
+            cache of the paper; see :mod:`compresskv.eviction.bounded`). ``None``: unbounded.
+        decode_interval: decode steps between evictions (default 32).
     """
 
     method = "streamingllm"
@@ -371,6 +434,8 @@ class StreamingLLMCache(EvictionCache):
         budget: int | None = None,
         compression_ratio: float | None = None,
         decode_tokens: int | None = None,
+        decode_budget: int | None = None,
+        decode_interval: int = 32,
     ) -> None:
         if not isinstance(sink, int) or sink < 0:
             raise ValueError(f"StreamingLLMCache: sink must be an int >= 0, got {sink!r}.")
@@ -388,8 +453,16 @@ class StreamingLLMCache(EvictionCache):
         self.sink = sink
         # Recency is part of the scores, so no window is forced (window_size=0).
         super().__init__(
-            model, budget=budget, compression_ratio=compression_ratio, window_size=0, decode_tokens=decode_tokens
+            model, budget=budget, compression_ratio=compression_ratio, window_size=0, decode_tokens=decode_tokens,
+            decode_budget=decode_budget, decode_interval=decode_interval,
         )
+        if decode_budget is not None and decode_budget - decode_interval <= sink:
+            raise ValueError(
+                f"StreamingLLMCache: decode_budget - decode_interval must exceed sink={sink} (recent tokens must "
+                f"stay), got decode_budget={decode_budget}, decode_interval={decode_interval}."
+            )
+
+    query_memory = 0  # sinks and recency need no query
 
     def plan(self, seq_len: int, index: int, n_full: int) -> tuple[int, int] | None:
         if self.budget is not None:
@@ -402,7 +475,8 @@ class StreamingLLMCache(EvictionCache):
         return None if seq_len <= kept else (kept, 0)
 
     def scores(
-        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float
+        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float,
+        seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         bsz, n_kv, seq_len, _ = keys.shape
         return streaming_scores(bsz, n_kv, seq_len, self.sink, valid, keys.device)

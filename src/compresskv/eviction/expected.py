@@ -46,7 +46,9 @@ class ExpectedAttentionCache(EvictionCache):
             embedded model the term made every needle answer wrong, see the module notes).
         window_size: most recent prompt tokens always kept (default 0, as the paper's press).
         kernel_size: scores max-pooled over this many neighbours (odd; default 7, as SnapKV; 1: none).
-        **kwargs: :class:`EvictionCache`'s ``budget`` or ``compression_ratio`` and ``decode_tokens``.
+        **kwargs: :class:`EvictionCache`'s ``budget`` or ``compression_ratio``, ``decode_tokens``,
+            ``decode_budget`` and ``decode_interval`` (bounded decoding, scored from the last
+            ``stat_queries`` queries).
     """
 
     method = "expected_attention"
@@ -65,14 +67,20 @@ class ExpectedAttentionCache(EvictionCache):
         self.rope = RotaryTable(model, who, needs="expected attention", instead="use another scorer (snapkv, knorm)")
         super().__init__(model, window_size=window_size, **kwargs)
 
+    @property
+    def query_memory(self) -> int:
+        return self.stat_queries
+
     def scores(
-        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float
+        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float,
+        seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         bsz, n_kv, seq_len, dim = keys.shape
         n_q, device = query.shape[1], keys.device
         groups = n_q // n_kv
         real = valid.to(torch.bool) if valid is not None else torch.ones(bsz, n_kv, seq_len, dtype=torch.bool, device=device)
-        length = real[:, 0].sum(-1)  # [b] real tokens: positions 0..length-1, the last ones the newest
+        # [b] the newest query's position + 1 (real tokens stored, when no eviction has happened yet)
+        length = seen.to(device) if seen is not None else real[:, 0].sum(-1)
         n = min(self.stat_queries, query.shape[2])
         at = length[:, None] - n + torch.arange(n, device=device)  # [b, n] positions of the last n queries
         # a row with fewer real tokens than n: its first slots are padding, left out of its statistics

@@ -20,7 +20,8 @@ class KnormCache(EvictionCache):
         window_size: most recent prompt tokens always kept (0, the paper's setting: none).
         **kwargs: :class:`EvictionCache`'s ``budget`` (tokens kept per layer and KV head, window
             included; must exceed ``window_size``) or ``compression_ratio`` (instead, the fraction
-            of prompt tokens evicted, in [0, 1)).
+            of prompt tokens evicted, in [0, 1)); ``decode_tokens``; ``decode_budget`` and
+            ``decode_interval`` (bounded decoding, see :mod:`compresskv.eviction.bounded`).
     """
 
     method = "knorm"
@@ -28,8 +29,11 @@ class KnormCache(EvictionCache):
     def __init__(self, model: torch.nn.Module, *, window_size: int = 0, **kwargs: Any) -> None:
         super().__init__(model, window_size=window_size, **kwargs)  # the paper keeps no window
 
+    query_memory = 0  # scores from the keys alone
+
     def scores(
-        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float
+        self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, window: int, scaling: float,
+        seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # RoPE rotates pairs of dims, so the stored (rotated) keys have their pre-RoPE norms.
         scores = -keys[:, :, : keys.shape[2] - window].float().norm(dim=-1)
