@@ -3,8 +3,8 @@
 attention with log-sum-exp that merges two softmax parts exactly (:mod:`.lse`) and the one
 vocabulary of ``read_mode=`` values (:mod:`.readmode`)."""
 
-from .cache import CacheStats, CompressedCache, KVLayer, refuse_mla, tensor_bytes
-from .facts import ModelDims, full_attention_layers, model_dims, plain_layers, text_config
+from .cache import CacheStats, CompressedCache, KVLayer, tensor_bytes
+from .facts import ModelDims, full_attention_layers, model_dims, plain_layers, refuse_mla, text_config
 from .readmode import READ_MODES, check_read_mode
 from .rope import rotate_half
 

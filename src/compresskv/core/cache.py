@@ -20,7 +20,7 @@ from transformers.cache_utils import CacheLayerMixin
 from . import attention as _attention
 from .attention import AttentionCall
 from .decode import DecodeStorage
-from .facts import full_attention_layers, model_dims, plain_layers, text_config
+from .facts import full_attention_layers, mla_dims, model_dims, plain_layers, refuse_mla
 from .ops import take_tokens
 from .storage import Storage, batch_fn, tensor_bytes
 
@@ -52,6 +52,7 @@ class KVLayer(Storage, DecodeStorage, CacheLayerMixin):
         # prefill sends it in pieces); from that first single-token step on, the layer decodes.
         self.decoding = False
         self.expected: tuple[int, int, int] | None = None  # (num_layers, kv_heads, head_dim)
+        self.token_dims: tuple[int, int] | None = None  # (key, value) dims per KV head and token
 
     # -- storage ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -246,7 +247,8 @@ class KVLayer(Storage, DecodeStorage, CacheLayerMixin):
         if not self.is_initialized or not stored or self.expected is None:
             return 0
         _, kv_heads, head_dim = self.expected
-        return stored[0].shape[0] * self.seen * kv_heads * 2 * head_dim * self.dtype.itemsize
+        dims = sum(self.token_dims) if self.token_dims is not None else 2 * head_dim
+        return stored[0].shape[0] * self.seen * kv_heads * dims * self.dtype.itemsize
 
     def reset(self) -> None:
         self.clear_storage()
@@ -326,28 +328,6 @@ class CacheStats:
         return {**asdict(self), "ratio": self.ratio, "token_ratio": self.token_ratio}
 
 
-#: Model types with multi-head latent attention (also recognised by ``kv_lora_rank`` in the config).
-MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
-
-
-def refuse_mla(model: torch.nn.Module, owner: str) -> None:
-    """Raise a ``ValueError`` for a model with multi-head latent attention (DeepSeek-V2/V3 and the
-    like), whose cache is not per-head keys and values."""
-    config = text_config(model)
-    rank = getattr(config, "kv_lora_rank", None)
-    model_type = getattr(config, "model_type", None)
-    if not rank and model_type not in MLA_MODEL_TYPES:
-        return
-    raise ValueError(
-        f"{owner}: {type(model).__name__} (model_type={model_type!r}) uses multi-head latent attention (MLA, "
-        f"kv_lora_rank={rank}, qk_rope_head_dim={getattr(config, 'qk_rope_head_dim', None)}): per token it computes one "
-        "compressed latent of kv_lora_rank dims and one RoPE key shared by all heads, and expands each head's keys "
-        "and values from them (recent transformers releases cache that latent and shared key rather than keys and "
-        "values); compresskv's caches store and compress per-KV-head keys and values, and do not support MLA models "
-        "yet. Use transformers' DynamicCache (the MLA latent is already a compressed cache)."
-    )
-
-
 class CompressedCache(Cache):
     """Base of compresskv's caches: a ``Cache`` whose full-attention layers are :class:`KVLayer`s.
 
@@ -362,8 +342,15 @@ class CompressedCache(Cache):
     #: the caches that offer it (see :mod:`compresskv.core.decode`)
     decode_tokens: int | None = None
 
+    #: whether the cache compresses a multi-head latent attention model's cache (see :attr:`mla`)
+    supports_mla = False
+
     def __init__(self, model: torch.nn.Module) -> None:
-        refuse_mla(model, type(self).__name__)  # before switching the model's attention
+        if not self.supports_mla:
+            refuse_mla(model, type(self).__name__)  # before switching the model's attention
+        #: an MLA model's sizes (``None`` for other attention); with ``mla["latent"]`` a layer stores the
+        #: latent as ``keys`` (``[batch, 1, T, kv_lora_rank]``) and the shared RoPE key as ``values``
+        self.mla = mla_dims(model)
         decode_tokens = self.decode_tokens
         if decode_tokens is not None and (isinstance(decode_tokens, bool) or not isinstance(decode_tokens, int)
                                           or decode_tokens < 1):
@@ -387,12 +374,18 @@ class CompressedCache(Cache):
         self.full_layers = full
         dims = model_dims(model)
         kv_heads, head_dim = dims["kv_heads"], dims["head_dim"]
+        token_dims = (head_dim, head_dim)  # (key, value) dims a DynamicCache holds per KV head and token
+        if self.mla is not None:
+            mla = self.mla
+            kv_heads, token_dims = ((1, (mla["kv_lora_rank"], mla["rope_dim"])) if mla["latent"]
+                                    else (dims["heads"], (mla["nope_dim"] + mla["rope_dim"], mla["v_dim"])))
         self.num_kv_heads, self.head_dim = kv_heads, head_dim
         expected = (dims["layers"], kv_heads, head_dim)
         layers: list[Any] = list(plain)
         for index, idx in enumerate(full):
             layer = self.make_layer(index, len(full))
             layer.expected = expected
+            layer.token_dims = token_dims
             layer.layer_idx = idx
             if self.decode_tokens is not None:
                 layer.decode_tokens = self.decode_tokens

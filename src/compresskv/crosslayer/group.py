@@ -18,8 +18,8 @@ import torch
 
 from ..core import attention as _attention
 from ..core.attention import AttentionCall
-from ..core.cache import CacheStats, CompressedCache, KVLayer, refuse_mla
-from ..core.facts import full_attention_layers, text_config
+from ..core.cache import CacheStats, CompressedCache, KVLayer
+from ..core.facts import full_attention_layers, refuse_mla, text_config
 from ..core.readmode import check_read_mode
 from ..core.storage import Storage, tensor_bytes
 from .factors import REMAINDERS, _is_int, plan_groups

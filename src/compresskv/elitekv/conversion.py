@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..core.cache import refuse_mla
-from ..core.facts import model_dims, text_config
+from ..core.facts import model_dims, refuse_mla, text_config
 from ..core.readmode import check_read_mode, refuse_renamed_option, renamed_option
 from .attention import READ_MODES, RENAMED_READ_MODES, EliteKVAttention, spec_read_mode
 from .cache import EliteKVCache, elitekv_spec

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..core.attention import AttentionCall
 from ..core.cache import CompressedCache, KVLayer
+from ..core.facts import mla_dims, refuse_mla
 from .bounded import BoundedDecode
 
 Pooling = Literal["maxpool", "avgpool"]
@@ -218,10 +219,18 @@ class EvictionLayer(BoundedDecode, KVLayer):
                 continue
             n_keep, window = plan
             window = min(window, q_len)  # a chunk shorter than the window scores with all its queries
+            keys, key_valid = self.keys, valid
+            if self.cache.mla is not None and self.cache.mla["latent"]:
+                # MLA: score with each head's keys, expanded from the stored latent by the model; the
+                # latent and shared RoPE key are one "KV head", so the heads' scores are averaged.
+                keys = call.key
+                key_valid = valid.expand(-1, keys.shape[1], -1) if valid is not None else None
             scores = self.cache.scores(
-                call.query[sel], self.keys[sel], valid[sel] if valid is not None else None, window, call.scaling,
+                call.query[sel], keys[sel], key_valid[sel] if key_valid is not None else None, window, call.scaling,
                 seen=torch.tensor(lengths, device=device)[sel],
             )
+            if scores.shape[1] != n_kv:
+                scores = scores.mean(dim=1, keepdim=True)
             # A stable sort breaks ties (pooling makes plateaus) by position, on every device and
             # whatever padding precedes the row: topk would not.
             top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : n_keep - window]
@@ -243,6 +252,7 @@ class EvictionCache(CompressedCache):
     ``decode_interval`` steps: :mod:`compresskv.eviction.bounded`)."""
 
     method = "eviction"
+    supports_mla = True
 
     def __init__(
         self,
@@ -255,22 +265,6 @@ class EvictionCache(CompressedCache):
         decode_interval: int = 32,
     ) -> None:
         self.decode_tokens = decode_tokens  # checked by CompressedCache
-        who = type(self).__name__
-        if isinstance(decode_interval, bool) or not isinstance(decode_interval, int) or decode_interval < 1:
-            raise ValueError(f"{who}: decode_interval must be an int >= 1, got {decode_interval!r}.")
-        if decode_budget is not None:
-            least = window_size + decode_interval + 1
-            if isinstance(decode_budget, bool) or not isinstance(decode_budget, int) or decode_budget < least:
-                raise ValueError(
-                    f"{who}: decode_budget (most tokens a layer holds while decoding) must be an int >= "
-                    f"window_size + decode_interval + 1 = {least}, or None (unbounded), got {decode_budget!r}."
-                )
-            if decode_tokens is not None:
-                raise ValueError(
-                    f"{who}: decode_budget= (bounded decoding, which evicts every decode_interval steps) and "
-                    "decode_tokens= (static buffers for torch.compile) cannot be combined; give one of them."
-                )
-        self.decode_budget, self.decode_interval = decode_budget, decode_interval
         if not isinstance(window_size, int) or window_size < 0:
             raise ValueError(f"{type(self).__name__}: window_size must be an int >= 0, got {window_size!r}.")
         if (budget is None) == (compression_ratio is None):
@@ -291,6 +285,26 @@ class EvictionCache(CompressedCache):
                 f"{type(self).__name__}: compression_ratio is the fraction of tokens evicted and must "
                 f"be in [0, 1), got {compression_ratio!r}."
             )
+        who = type(self).__name__
+        if isinstance(decode_interval, bool) or not isinstance(decode_interval, int) or decode_interval < 1:
+            raise ValueError(f"{who}: decode_interval must be an int >= 1, got {decode_interval!r}.")
+        if decode_budget is not None:
+            least = window_size + decode_interval + 1
+            if isinstance(decode_budget, bool) or not isinstance(decode_budget, int) or decode_budget < least:
+                raise ValueError(
+                    f"{who}: decode_budget (most tokens a layer holds while decoding) must be an int >= "
+                    f"window_size + decode_interval + 1 = {least}, or None (unbounded), got {decode_budget!r}."
+                )
+            if decode_tokens is not None:
+                raise ValueError(
+                    f"{who}: decode_budget= (bounded decoding, which evicts every decode_interval steps) and "
+                    "decode_tokens= (static buffers for torch.compile) cannot be combined; give one of them."
+                )
+            mla = mla_dims(model)
+            if mla is not None and mla["latent"]:
+                refuse_mla(model, f"{who}(decode_budget=...)", "bounded decoding scores with the keys each head "
+                           "expands from the latent, which a decode step does not hand to the cache")
+        self.decode_budget, self.decode_interval = decode_budget, decode_interval
         self.budget, self.compression_ratio, self.window_size = budget, compression_ratio, window_size
         super().__init__(model)
 
@@ -450,17 +464,18 @@ class StreamingLLMCache(EvictionCache):
             budget = sink + window
         if budget is not None and (not isinstance(budget, int) or budget <= sink):
             raise ValueError(f"StreamingLLMCache: budget must be an int > sink={sink}, got {budget!r}.")
+        if (isinstance(decode_budget, int) and isinstance(decode_interval, int)
+                and decode_budget - decode_interval <= sink):
+            raise ValueError(
+                f"StreamingLLMCache: decode_budget - decode_interval must exceed sink={sink} (recent tokens must "
+                f"stay), got decode_budget={decode_budget}, decode_interval={decode_interval}."
+            )
         self.sink = sink
         # Recency is part of the scores, so no window is forced (window_size=0).
         super().__init__(
             model, budget=budget, compression_ratio=compression_ratio, window_size=0, decode_tokens=decode_tokens,
             decode_budget=decode_budget, decode_interval=decode_interval,
         )
-        if decode_budget is not None and decode_budget - decode_interval <= sink:
-            raise ValueError(
-                f"StreamingLLMCache: decode_budget - decode_interval must exceed sink={sink} (recent tokens must "
-                f"stay), got decode_budget={decode_budget}, decode_interval={decode_interval}."
-            )
 
     query_memory = 0  # sinks and recency need no query
 

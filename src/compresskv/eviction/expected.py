@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..core.facts import refuse_mla
 from ..core.rope import RotaryTable, rotate_half
 from .base import EvictionCache, _pool
 
@@ -52,10 +53,13 @@ class ExpectedAttentionCache(EvictionCache):
     """
 
     method = "expected_attention"
+    supports_mla = False
 
     def __init__(self, model: torch.nn.Module, *, n_future: int = 512, stat_queries: int = 128, n_sink: int = 4,
                  use_covariance: bool = False, window_size: int = 0, kernel_size: int = 7, **kwargs: Any) -> None:
         who = type(self).__name__
+        refuse_mla(model, who, "its expected future query is rotated by RoPE over the whole head, and MLA rotates "
+                   "only qk_rope_head_dim dims of a key, shared by every head")
         for name, value, least in (("n_future", n_future, 1), ("stat_queries", stat_queries, 1), ("n_sink", n_sink, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{who}: {name} must be an int >= {least}, got {value!r}.")

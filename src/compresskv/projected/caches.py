@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..core.cache import CacheStats, CompressedCache, KVLayer, refuse_mla
+from ..core.cache import CacheStats, CompressedCache, KVLayer
+from ..core.facts import refuse_mla
 from ..core.readmode import check_read_mode, refuse_renamed_option, renamed_option
 from .cache import READ_MODES, RENAMED_READ_MODES, ProjectedLayer
 from .pca import calibrate
