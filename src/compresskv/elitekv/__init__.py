@@ -12,7 +12,8 @@ or step by step:
 ```python
 from compresskv import elitekv
 ranking = elitekv.rank_frequencies(model, texts, tokenizer=tok)      # RoPElite (+ baselines)
-elitekv.convert(model, rope_pairs=6, kv_dim=60, ranking=ranking)      # J-LRD, in place
+allocation = elitekv.allocate(model, texts, cache_ratio=0.25, tokenizer=tok, ranking=ranking, eval_texts=other)
+elitekv.convert(model, rope_pairs=allocation.rope_pairs, kv_dim=allocation.kv_dim, ranking=ranking)  # J-LRD
 elitekv.uptrain(model, texts, teacher=original, tokenizer=tok, steps=200)
 model.save_pretrained("converted"); model = elitekv.load_converted("converted")
 ```
@@ -24,6 +25,7 @@ A conversion changes the model's weights and class: ``compresskv.unpatch`` does 
 from __future__ import annotations
 
 from ..core.facts import model_dims
+from .allocation import Allocation, allocate
 from .attention import READ_MODES, EliteKVAttention, additive_mask
 from .cache import EliteKVCache, EliteKVLayer, elitekv_spec
 from .conversion import conversion_info, convert, converted_class, load_converted, make_cache, revert
@@ -37,12 +39,14 @@ __all__ = [
     "SELECTIONS",
     "SUPPORTED_FAMILIES",
     "SVD_MODES",
+    "Allocation",
     "EliteKVAttention",
     "EliteKVCache",
     "EliteKVLayer",
     "FrequencyRanking",
     "UptrainConfig",
     "additive_mask",
+    "allocate",
     "check_supported",
     "conversion_info",
     "convert",

@@ -284,34 +284,62 @@ _CONVERT_ONLY = ("pairs", "damping")
 
 def make_cache(model: nn.Module, *args: Any, **options: Any) -> EliteKVCache:
     """The ``compresskv.patch(model, "elitekv", ...)`` factory: ranks (when a ranked selection has no
-    ``ranking`` but has ``calibration_texts``), converts ``model`` in place (once), and returns a
-    fresh :class:`EliteKVCache`. Takes :func:`convert`'s options (its signature, less ``pairs``
-    and ``damping``).
+    ``ranking`` but has ``calibration_texts``), chooses the sizes, converts ``model`` in place (once),
+    and returns a fresh :class:`EliteKVCache`. Takes :func:`convert`'s options (its signature, less
+    ``pairs`` and ``damping``) and ``allocation``.
 
     Sizes: ``kv_dim`` or ``cache_ratio`` (fraction of the original cache kept) or
-    ``compression_ratio`` (= 1 − cache_ratio), with ``rope_pairs`` (default: about 3/8 of the
-    budget goes to the rotated key dims; ``compression_ratio=0`` keeps every pair and the full joint
-    rank, the original attention exactly, and needs no ranking). ``svd="auto"``: activation-aware J-LRD when calibration
+    ``compression_ratio`` (= 1 − cache_ratio), with ``rope_pairs``. Given only a ratio below 1,
+    how the budget is split between rotated key dims and the latent depends on ``allocation``:
+
+    - ``None`` (default): with ``calibration_texts``, measured by
+      :func:`~compresskv.elitekv.allocate` (a sweep of ``rope_pairs`` scored by perplexity on
+      windows of ``seq_len`` held out of the calibration text: the last 2, at most all but one; the
+      ranking uses up to ``num_windows`` of the others; about ten training-free conversions);
+      without, the fixed rule below;
+    - an :class:`~compresskv.elitekv.Allocation` or the path of a saved one: its ``rope_pairs`` and
+      ``kv_dim`` (its cache ratio, which a ``cache_ratio`` given must match);
+    - ``False``: the fixed rule, about 3/8 of the budget to the rotated key dims
+      (:func:`~compresskv.elitekv.default_rope_pairs`).
+
+    ``compression_ratio=0`` keeps every pair and the full joint rank, the original attention
+    exactly, and needs no ranking. The allocation used is recorded in the converted config
+    (``config.elitekv["allocation"]``), so later calls with the same options (every ``generate()``
+    of a patched model) reuse it. ``svd="auto"``: activation-aware J-LRD when calibration
     data is at hand (``calibration_texts``, or a ranking with activation statistics), else the
     paper's weight-only SVD. On an already converted model: no size options, or the same
     ones, just give a new cache; other sizes re-convert from the original weights when the model was
     converted with ``keep_original=True`` and raise otherwise.
     """
-    _refuse_renamed(options)
+    _refuse_renamed({k: v for k, v in options.items() if k != "allocation"})
     bound = make_cache.__signature__.bind(model, *args, **options)  # type: ignore[attr-defined]
     bound.apply_defaults()
     opts = {k: v for k, v in bound.arguments.items() if k != "model"}
+    allocation = opts.pop("allocation")
     sizes = {k: opts[k] for k in ("rope_pairs", "kv_dim", "cache_ratio", "compression_ratio")}
     selection, svd, read_mode = opts["selection"], opts["svd"], opts["read_mode"]
     ranking, texts = opts["ranking"], opts["calibration_texts"]
     check_read_mode("compresskv.elitekv.make_cache", read_mode, READ_MODES, RENAMED_READ_MODES)
     refuse_mla(model, "compresskv.elitekv")
     dims = model_dims(model)
+    ratio = _asked_ratio(sizes)
+    given = _given_allocation(model, allocation, sizes, ratio)
+    # a ratio alone, below 1, and allocation not refused: the split of the budget is allocated
+    by_allocation = allocation is not False and ratio is not None and ratio < 1 and sizes["rope_pairs"] is None \
+        and sizes["kv_dim"] is None
     if is_converted(model):
-        if all(v is None for v in sizes.values()):
+        if all(v is None for v in sizes.values()) and given is None:
             return EliteKVCache(model)
         spec = elitekv_spec(model)
-        r, c = resolve_sizes(dims, **sizes)
+        recorded = spec.get("allocation") or {}
+        if given is not None:
+            r, c = given.rope_pairs, given.kv_dim
+        elif by_allocation and recorded and abs(recorded["cache_ratio"] - ratio) < 1e-9:
+            r, c = recorded["rope_pairs"], recorded["kv_dim"]
+        elif by_allocation and texts is not None:
+            r, c = None, None  # to be allocated: not the same as what is there
+        else:
+            r, c = resolve_sizes(dims, **sizes)
         same = (r, c, selection) == (spec["rope_pairs"], spec["kv_dim"], spec["selection"]) and svd in ("auto", spec["svd"])
         if same and isinstance(ranking, FrequencyRanking) and spec.get("ranking"):
             same = ranking.config_hash == spec["ranking"]["config_hash"] and ranking.options == spec["ranking"]["options"]
@@ -325,20 +353,30 @@ def make_cache(model: nn.Module, *args: Any, **options: Any) -> EliteKVCache:
             return EliteKVCache(model)
         stash = model.__dict__.get("_elitekv_original")
         if stash is None:
+            target = f"an allocation at cache_ratio={ratio:g}" if r is None else f"rope_pairs={r}, kv_dim={c}"
             raise ValueError(
                 f"compresskv.elitekv: this model is already converted (rope_pairs={spec['rope_pairs']}, "
                 f"kv_dim={spec['kv_dim']}, selection={spec['selection']!r}, svd={spec['svd']!r}); converting it to "
-                f"rope_pairs={r}, kv_dim={c}, selection={selection!r}, svd={svd!r} needs the original weights: reload "
+                f"{target}, selection={selection!r}, svd={svd!r} needs the original weights: reload "
                 "the model, or convert with keep_original=True so that compresskv can revert it first."
             )
         if ranking is None and texts is None:
             ranking = stash[2]
         opts["keep_original"] = True
         revert(model)
-    r, c = resolve_sizes(dims, **sizes)
     if isinstance(ranking, (str, Path)):
         ranking = FrequencyRanking.from_pretrained(ranking, model)
-    if selection in ("ropelite", "contribution") and ranking is None and r < dims["head_dim"] // 2:
+    allocating = given is None and by_allocation and texts is not None
+    calib = texts
+    if allocating:
+        from .allocation import split_windows
+
+        try:
+            calib, held = split_windows(texts, opts["tokenizer"], seq_len=opts["seq_len"], num_windows=opts["num_windows"])
+        except ValueError as err:
+            raise ValueError(f"{err}; or pass allocation=False to size by the fixed rule (no held-out text needed)") from None
+    r, c = (given.rope_pairs, given.kv_dim) if given is not None else resolve_sizes(dims, **sizes)
+    if selection in ("ropelite", "contribution") and ranking is None and (r < dims["head_dim"] // 2 or allocating):
         if texts is None:
             raise ValueError(
                 f"compresskv.elitekv: selection={selection!r} needs a frequency ranking: pass ranking=... "
@@ -346,12 +384,58 @@ def make_cache(model: nn.Module, *args: Any, **options: Any) -> EliteKVCache:
                 "or calibration_texts=... with tokenizer=...; selection='uniform' needs no calibration."
             )
         ranking = rank_frequencies(
-            model, texts, opts["tokenizer"], seq_len=opts["seq_len"], num_windows=opts["num_windows"],
+            model, calib, opts["tokenizer"], seq_len=opts["seq_len"], num_windows=opts["num_windows"],
             activation_stats=svd in ("auto", "activation"), progress=opts["progress"],
         )
+    if allocating:
+        from .allocation import allocate
+
+        given = allocate(model, calib, eval_texts=held, cache_ratio=ratio, ranking=ranking, selection=selection,
+                         svd=svd, seq_len=opts["seq_len"], num_windows=opts["num_windows"], progress=opts["progress"])
+        r, c = given.rope_pairs, given.kv_dim
     opts.update(rope_pairs=r, kv_dim=c, cache_ratio=None, compression_ratio=None, ranking=ranking)
     convert(model, **opts)
+    if given is not None:
+        elitekv_spec(model)["allocation"] = {
+            "cache_ratio": given.cache_ratio, "rope_pairs": r, "kv_dim": c, "ppl": given.ppl,
+            "rule_rope_pairs": given.rule_rope_pairs,
+        }
     return EliteKVCache(model)
+
+
+def _asked_ratio(sizes: dict[str, Any]) -> float | None:
+    """The fraction of the cache kept that ``sizes`` ask for (``None``: sized by ``kv_dim``)."""
+    if sizes["cache_ratio"] is not None:
+        return sizes["cache_ratio"]
+    if isinstance(sizes["compression_ratio"], (int, float)) and not isinstance(sizes["compression_ratio"], bool):
+        return 1.0 - float(sizes["compression_ratio"])
+    return None
+
+
+def _given_allocation(model: nn.Module, allocation: Any, sizes: dict[str, Any], ratio: float | None) -> Any:
+    """The :class:`~compresskv.elitekv.Allocation` passed as ``allocation=`` (loaded from its path),
+    checked against the model and the sizes asked; ``None`` for ``None`` / ``False``."""
+    if allocation is None or allocation is False:
+        return None
+    from .allocation import Allocation
+
+    if isinstance(allocation, (str, Path)):
+        allocation = Allocation.from_pretrained(allocation, model)
+    elif not isinstance(allocation, Allocation):
+        raise ValueError(
+            "compresskv.elitekv: allocation must be None (allocate when calibration_texts are given), False (the "
+            f"fixed rule), an elitekv.Allocation or the path of a saved one; got {allocation!r}"
+        )
+    allocation.check_model(model)
+    both = [k for k in ("rope_pairs", "kv_dim") if sizes[k] is not None]
+    if both:
+        raise ValueError(f"compresskv.elitekv: give allocation= or {' and '.join(both)}=, not both")
+    if ratio is not None and abs(ratio - allocation.cache_ratio) > 1e-9:
+        raise ValueError(
+            f"compresskv.elitekv: allocation= was measured at cache_ratio={allocation.cache_ratio:g}, but "
+            f"cache_ratio={ratio:g} was asked; leave the ratio out or allocate for it"
+        )
+    return allocation
 
 
 def _refuse_renamed(options: dict[str, Any]) -> None:
@@ -366,6 +450,7 @@ def _refuse_renamed(options: dict[str, Any]) -> None:
 def _factory_signature() -> inspect.Signature:
     sig = inspect.signature(convert)
     params = [p for name, p in sig.parameters.items() if name not in _CONVERT_ONLY and p.kind is not p.VAR_KEYWORD]
+    params.append(inspect.Parameter("allocation", inspect.Parameter.KEYWORD_ONLY, default=None))
     return sig.replace(parameters=params, return_annotation="EliteKVCache")
 
 
