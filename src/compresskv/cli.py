@@ -1,5 +1,6 @@
-"""The ``compresskv`` command line: ``compresskv demo`` (the main job) and ``compresskv bench``
-(every method at every ratio on long-context tasks, with a table and a plot)."""
+"""The ``compresskv`` command line: ``compresskv demo`` (the main job), ``compresskv bench``
+(every method at every ratio on long-context tasks, with a table and a plot) and
+``compresskv elitekv-allocate`` (EliteKV's perplexity-vs-rotated-pairs sweep, with a table and a plot)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,20 @@ def _ratios(text: str) -> list[float]:
             raise argparse.ArgumentTypeError(f"{item!r} is not a number; give {what}") from None
         if not 0.0 <= ratio < 1.0:  # also refuses nan
             raise argparse.ArgumentTypeError(f"{item} is outside [0, 1); give {what}")
+        ratios.append(ratio)
+    return ratios
+
+
+def _cache_ratios(text: str) -> list[float]:
+    what = "comma-separated cache ratios in (0, 1] (the fraction of the cache kept), e.g. 0.25,0.5"
+    ratios = []
+    for item in _listed(text, what):
+        try:
+            ratio = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number; give {what}") from None
+        if not 0.0 < ratio <= 1.0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{item} is outside (0, 1]; give {what}")
         ratios.append(ratio)
     return ratios
 
@@ -221,6 +236,47 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def elitekv_allocate(args: argparse.Namespace) -> int:
+    import json
+    import shlex
+
+    import torch
+
+    from . import load_model
+    from .elitekv.allocation import allocate_ratios, report_markdown
+    from .eval.machine import machine_info
+    from .eval.perplexity import load_text
+    from .eval.plots import plot_allocation
+    from .eval.results import write_result
+    from .models import DEFAULT_MODEL
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, device=args.device)
+    calibration = args.calibration or _bundled_text()
+    start = time.perf_counter()
+    ranking, allocations = allocate_ratios(
+        model, load_text(calibration), args.cache_ratios, tokenizer=tokenizer,
+        eval_texts=load_text(args.text) if args.text else None, seq_len=args.seq_len, num_windows=args.windows,
+        eval_windows=args.eval_windows, grid=args.grid,
+    )
+    result = {
+        "command": shlex.join(["compresskv", *(args.argv or [])]), "model": args.model or DEFAULT_MODEL,
+        "calibration_source": Path(calibration).name, "eval_source": Path(args.text).name if args.text else
+        "held out of the calibration text", "machine": machine_info(args.device),
+        "seconds": time.perf_counter() - start, "allocations": [a.to_dict() for a in allocations],
+    }
+    text = write_result(args.out, result, report_markdown)
+    plot_allocation(result["allocations"], args.out.with_suffix(".png"))
+    if args.save:
+        ranking.save_pretrained(args.save / "ranking")
+        for a in allocations:
+            a.save_pretrained(args.save / f"allocation-{a.cache_ratio:g}")
+    print(text)
+    print(json.dumps({f"{a.cache_ratio:g}": {"rope_pairs": a.rope_pairs, "kv_dim": a.kv_dim} for a in allocations}))
+    print(f"wrote {args.out.with_suffix('.json')}, .md, .png", file=sys.stderr)
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -312,6 +368,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"output stem, relative to the working directory (default: {DEFAULT_OUT})")
     _device_and_threads(b)
     b.set_defaults(func=bench, parser=b)
+    e = sub.add_parser(
+        "elitekv-allocate", help="EliteKV: sweep the rotated RoPE pairs r per cache ratio by held-out perplexity",
+        description="For each cache ratio, convert the model training-free (RoPElite pairs, activation-aware "
+        "J-LRD) at a coarse-to-fine set of r (RoPE pairs per KV head; the latent takes the rest of the budget) and "
+        "measure held-out perplexity (compresskv.elitekv.allocate). Writes OUT.json, OUT.md (the table, the chosen "
+        "r and the fixed rule's) and OUT.png (perplexity vs r, chosen points marked).",
+    )
+    e.add_argument("--model", type=_model, default=None, help="hub id or local path (default: embedded SmolLM2-135M-Instruct)")
+    e.add_argument("--cache-ratios", type=_cache_ratios, default="0.25,0.5",
+                   help="cache ratios, fractions of the cache kept, each in (0, 1] (default: 0.25,0.5)")
+    e.add_argument("--calibration", type=_text_source, default=None, help="text the ranking is computed on: a "
+                   "file or hf:NAME (default: the bundled novel, Austen's Persuasion)")
+    e.add_argument("--text", type=_text_source, default=None, help="held-out text the perplexity is measured on "
+                   "(default: the last --eval-windows windows of --calibration, kept apart from the ranking's)")
+    e.add_argument("--seq-len", type=_count(4, "a window length in tokens >= 4"), default=512,
+                   help="tokens per window (default: 512)")
+    e.add_argument("--windows", type=_count(1, "a number of windows >= 1"), default=4,
+                   help="calibration windows for the ranking (default: 4)")
+    e.add_argument("--eval-windows", type=_count(1, "a number of windows >= 1"), default=2,
+                   help="held-out windows scored per r (default: 2)")
+    e.add_argument("--grid", type=_count(2, "a number of coarse points >= 2"), default=5,
+                   help="coarse values of r before refining around the best (default: 5)")
+    e.add_argument("--out", type=Path, default=Path("compresskv-results/elitekv_allocation"),
+                   help="output stem (default: compresskv-results/elitekv_allocation)")
+    e.add_argument("--save", type=Path, default=None,
+                   help="also save the ranking (DIR/ranking) and each allocation (DIR/allocation-RATIO) there")
+    _device_and_threads(e)
+    e.set_defaults(func=elitekv_allocate, parser=e)
     return parser
 
 

@@ -249,3 +249,49 @@ def plot(table: Sequence[dict[str, Any]], tasks: Sequence[str], path: Path, titl
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_allocation(allocations: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Draw EliteKV's dimension allocation (``compresskv elitekv-allocate``) as a PNG at ``path``
+    (returned): perplexity against the rotated RoPE pairs ``r`` per KV head, one line per cache
+    ratio (``allocations``: :meth:`compresskv.elitekv.Allocation.to_dict` of each), the chosen ``r``
+    a filled star, the fixed rule's ``r`` a hollow square, the original model's perplexity a dotted
+    line. Log-scaled perplexity. Needs matplotlib (``pip install 'compresskv[bench]'``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    reference = None
+    for i, a in enumerate(allocations):
+        color = f"C{i % 10}"
+        rows = sorted(a["table"], key=lambda row: row["rope_pairs"])
+        xs, ys = [row["rope_pairs"] for row in rows], [row["ppl"] for row in rows]
+        ax.plot(xs, ys, marker="o", markersize=3.5, color=color, label=f"cache ratio {a['cache_ratio']:g}")
+        best = next(row for row in rows if row["rope_pairs"] == a["rope_pairs"])
+        ax.plot([best["rope_pairs"]], [best["ppl"]], marker="*", markersize=15, color=color, linestyle="none")
+        ax.annotate(f"r={best['rope_pairs']}, kv_dim={best['kv_dim']}", (best["rope_pairs"], best["ppl"]),
+                    textcoords="offset points", xytext=(6, -12), fontsize=8, color=color)
+        rule = next((row for row in rows if row["rope_pairs"] == a.get("rule_rope_pairs")), None)
+        if rule is not None:
+            ax.plot([rule["rope_pairs"]], [rule["ppl"]], marker="s", markersize=9, markerfacecolor="none",
+                    markeredgewidth=1.4, color=color, linestyle="none")
+        reference = a.get("reference_ppl") if reference is None else reference
+    if reference is not None:
+        ax.axhline(reference, color="black", linestyle=":", linewidth=1, label="original model")
+    ax.plot([], [], marker="*", markersize=11, color="0.3", linestyle="none", label="chosen (lowest ppl)")
+    ax.plot([], [], marker="s", markersize=8, markerfacecolor="none", color="0.3", linestyle="none",
+            label="fixed rule (≈3/8 of the budget)")
+    ax.set_yscale("log")
+    ax.set_xlabel("rope_pairs r (RoPE pairs kept per KV head)")
+    ax.set_ylabel("held-out perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "EliteKV: perplexity vs rotated pairs, training-free", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
