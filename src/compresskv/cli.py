@@ -109,9 +109,11 @@ def _methods(text: str) -> list[str]:
 
 def _all_tasks() -> list[str]:
     from .eval.bench import AFTER, PERPLEXITY
+    from .eval.longbench import PREFIX, available_longbench_tasks
     from .eval.tasks import available_tasks
 
-    return available_tasks() + [PERPLEXITY] + [t + AFTER for t in available_tasks()]
+    return (available_tasks() + [PERPLEXITY] + [t + AFTER for t in available_tasks()]
+            + [PREFIX + t for t in available_longbench_tasks()])
 
 
 def _tasks(text: str) -> list[str]:
@@ -133,6 +135,12 @@ def _text_file(text: str, what: str = "a text file") -> str:
         raise argparse.ArgumentTypeError(f"no such file {text!r}; give {what}")
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text!r} is not a file; give {what}")
+    return text
+
+
+def _folder(text: str) -> str:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder {text!r}; give a folder of LongBench <task>.jsonl files")
     return text
 
 
@@ -227,6 +235,7 @@ def bench(args: argparse.Namespace) -> int:
         continuation=args.continuation,
         calibration=args.calibration or _bundled_text(),
         command=shlex.join(["compresskv", *(args.argv or [])]),
+        longbench_dir=args.longbench_dir,
     )
     model, tokenizer = load_model(args.model, device=args.device)
     print(f"model: {config.model} on {args.device}; tasks {tasks}; methods {methods}", file=sys.stderr)
@@ -275,6 +284,15 @@ def elitekv_allocate(args: argparse.Namespace) -> int:
     print(json.dumps({f"{a.cache_ratio:g}": {"rope_pairs": a.rope_pairs, "kv_dim": a.kv_dim} for a in allocations}))
     print(f"wrote {args.out.with_suffix('.json')}, .md, .png", file=sys.stderr)
     return 0
+
+
+def _lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from .eval.harness import main as harness_main
+    except ImportError as err:
+        print(f"compresskv lm-eval: {err}", file=sys.stderr)
+        return 2
+    return harness_main(args.lm_eval_args)
 
 
 def _version() -> str:
@@ -347,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ratios", type=_ratios, default="0.5,0.75,0.875",
                    help="compression ratios, each in [0, 1) (default: 0.5,0.75,0.875)")
     b.add_argument("--tasks", type=_tasks, default=None, help="comma-separated: niah_single, niah_multikey, "
-                   "niah_multivalue, niah_multiquery, vt, cwe, perplexity (default: all six RULER-style tasks, plus "
-                   "perplexity with --text)")
+                   "niah_multivalue, niah_multiquery, vt, cwe, perplexity, longbench:TASK (LongBench v1, e.g. "
+                   "longbench:qasper; the seeds index its records, --length truncates its prompts) (default: all six "
+                   "RULER-style tasks, plus perplexity with --text)")
     b.add_argument("--question-after", action="store_true",
                    help="also run each task with its question asked after the context alone was compressed (rows "
                    "named TASK:after, in the same run; the cache is compressed without knowing the question)")
@@ -364,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file to hide needles in (default: RULER's noise sentences)")
     b.add_argument("--continuation", type=_count(1, "a number of tokens >= 1"), default=512,
                    help="perplexity: tokens scored after the prefix (default: 512)")
+    b.add_argument("--longbench-dir", type=_folder, default=None,
+                   help="folder of LongBench JSON-lines files (DIR/<task>.jsonl) for longbench:TASK tasks (default: "
+                   "$COMPRESSKV_LONGBENCH_DIR, else THUDM/LongBench from the hub)")
     b.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"output stem, relative to the working directory (default: {DEFAULT_OUT})")
     _device_and_threads(b)
@@ -396,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save the ranking (DIR/ranking) and each allocation (DIR/allocation-RATIO) there")
     _device_and_threads(e)
     e.set_defaults(func=elitekv_allocate, parser=e)
+    h = sub.add_parser(
+        "lm-eval", add_help=False, help="lm-evaluation-harness's command line with the compresskv model registered",
+        description="lm-eval's own command line (lm_eval ARGS), with compresskv's lm-eval model registered first: "
+        "compresskv lm-eval --model compresskv --model_args method=snapkv,compression_ratio=0.5 --tasks TASKS. "
+        "Needs pip install 'compresskv[lm-eval]'.",
+    )
+    h.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    h.set_defaults(func=_lm_eval, parser=h)
     return parser
 
 
@@ -434,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for a bad option (checked before any model is loaded)."""
     _openmp_waits_passively()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval's own options, passed on as they are (argparse would take them)
+        return _lm_eval(argparse.Namespace(lm_eval_args=argv[1:]))
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv

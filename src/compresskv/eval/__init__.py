@@ -2,7 +2,9 @@
 perplexity with the prefix in the cache, memory and speed, always against ``DynamicCache`` in
 the same run; the ``compresskv bench`` driver that writes JSON lines, a table and a plot; and
 scoring continuations against a compressed context (:func:`score_continuation`, for lm-eval's
-``loglikelihood`` requests)."""
+``loglikelihood`` requests); LongBench (v1) tasks from local JSON lines or the hub (``longbench:TASK``
+in ``compresskv bench``); and the ``compresskv`` model of lm-evaluation-harness
+(``compresskv.eval.harness``, imported on its own: it needs lm-eval). See docs/evaluations.md."""
 
 from __future__ import annotations
 
@@ -20,6 +22,11 @@ _EXPORTS = {
     "cache_nbytes": "measure",
     "run_task": "measure",
     "machine_info": "machine",
+    "LongBenchTask": "longbench",
+    "available_longbench_tasks": "longbench",
+    "load_longbench": "longbench",
+    "longbench_score": "longbench",
+    "make_longbench_task": "longbench",
     "score_continuation": "loglikelihood",
     "score_continuations": "loglikelihood",
     "MethodBuilder": "methods",
@@ -41,6 +48,8 @@ if TYPE_CHECKING:  # what static tools see
     from .bench import BenchConfig, aggregate, run_bench, table_markdown
     from .measure import PeakMemory, cache_nbytes, run_task
     from .machine import machine_info
+    from .longbench import (LongBenchTask, available_longbench_tasks, load_longbench, longbench_score,
+                            make_longbench_task)
     from .loglikelihood import score_continuation, score_continuations
     from .methods import MethodBuilder
     from .needle import NeedleTask, dynamic_cache_nbytes, make_needle_task, run_needle
@@ -52,17 +61,22 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 __all__ = [
     "BenchConfig",
+    "LongBenchTask",
     "MethodBuilder",
     "NeedleTask",
     "PeakMemory",
     "PerplexityTask",
     "Task",
     "aggregate",
+    "available_longbench_tasks",
     "available_tasks",
     "cache_nbytes",
     "dynamic_cache_nbytes",
+    "load_longbench",
     "load_text",
+    "longbench_score",
     "machine_info",
+    "make_longbench_task",
     "make_needle_task",
     "make_perplexity_task",
     "make_task",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ class BenchConfig:
     continuation: int = 512
     calibration: str | None = None
     command: str = ""
+    #: folder of LongBench ``<task>.jsonl`` files for ``longbench:TASK`` tasks (``None``:
+    #: ``$COMPRESSKV_LONGBENCH_DIR``, else the hub); see :mod:`compresskv.eval.longbench`
+    longbench_dir: str | None = None
 
 
 def row_key(model: str, length: int, task: str, seed: int, method: str, ratio: float, source: str | None) -> str:
@@ -123,15 +127,19 @@ def run_bench(
     ``{"rows", "table", "skipped", "paths"}``."""
     from tqdm.auto import tqdm
 
+    from .longbench import ENV_DIR, HUB_REPO, PREFIX as LONGBENCH, is_longbench, make_longbench_task
     from .methods import MethodBuilder
     from .perplexity import load_text, make_perplexity_task, tokenize_text
     from .tasks import available_tasks, make_task
 
     say = log or tqdm.write
-    unknown = [t for t in config.tasks if t != PERPLEXITY and t.removesuffix(AFTER) not in available_tasks()]
+    unknown = [t for t in config.tasks
+               if t != PERPLEXITY and t.removesuffix(AFTER) not in available_tasks() and not is_longbench(t)]
     if unknown:
         raise ValueError(f"compresskv bench: unknown tasks {unknown}; choose from {available_tasks() + [PERPLEXITY]}, "
-                         f"a task name with {AFTER!r} asks its question after the context was compressed")
+                         f"or {LONGBENCH}TASK (LongBench), a task name with {AFTER!r} asks its question after the "
+                         "context was compressed")
+    longbench_dir = config.longbench_dir or os.environ.get(ENV_DIR) or None
     if PERPLEXITY in config.tasks and not config.text:
         raise ValueError("compresskv bench: the perplexity task needs a text (--text PATH or hf:NAME)")
     device = next(model.parameters()).device
@@ -149,6 +157,8 @@ def run_bench(
 
     def source(task: str, method: str) -> str | None:
         base = f"{config.text}+{config.continuation}" if task == PERPLEXITY else config.haystack
+        if is_longbench(task):
+            base = longbench_dir or f"hub:{HUB_REPO}"
         extra = builder.source(method)
         return base if extra is None else f"{base}|{extra}"
 
@@ -169,6 +179,9 @@ def run_bench(
                     need = (config.length + config.continuation) * 8
                     text_ids = tokenize_text(tokenizer, load_text(config.text, min_chars=need))  # type: ignore[arg-type]
                 tasks[task, seed] = make_perplexity_task(tokenizer, text_ids, config.length, config.continuation, seed)
+            elif is_longbench(task):  # the seed is the record's index; the length, the truncation length
+                tasks[task, seed] = make_longbench_task(task.removesuffix(AFTER), tokenizer, config.length, seed,
+                                                        longbench_dir)
             else:  # (the ":after" variant is the same prompt, split at its question)
                 tasks[task, seed] = make_task(task.removesuffix(AFTER), tokenizer, config.length, seed=seed,
                                               haystack=haystack_text)
@@ -386,6 +399,10 @@ def markdown(rows: Sequence[dict[str, Any]], table: Sequence[dict[str, Any]], co
         "",
         table_markdown(table, config.tasks),
     ]
+    if any(t.startswith("longbench:") for t in config.tasks):  # their scores are LongBench's metrics
+        lines[6:6] = ["`longbench:` tasks are scored with LongBench's metric for the task (0–100, best over the "
+                      "reference answers; compresskv.eval.longbench), one prompt per record (the seeds index the "
+                      "records), truncated in the middle to the prompt length.", ""]
     if full is not None:
         lines.append(
             f"DynamicCache absolute: cache {_fmt(full['cache_bytes'] / 2**20 if full['cache_bytes'] else None, '.1f')} MiB, "
