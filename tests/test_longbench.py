@@ -196,3 +196,25 @@ def test_cli_bench_longbench(model, tok, data_dir, tmp_path, monkeypatch, capsys
     assert [(r["task"], r["method"]) for r in rows] == [("longbench:passage_retrieval_en", m) for m in (FULL, "snapkv")]
     assert cli.main(argv[:-4] + ["--longbench-dir", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert cli.main(["bench", "--tasks", "longbench:nosuch", "--out", str(out)]) == 2
+
+
+def test_without_a_folder_the_records_come_from_the_hubs_data_zip(tmp_path, monkeypatch):
+    import zipfile
+
+    import huggingface_hub
+
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("data/trec.jsonl", "".join(json.dumps(r) + "\n" for r in records()["trec"]))
+    asked = []
+
+    def download(repo_id, filename, repo_type=None, **_):
+        asked.append((repo_id, filename, repo_type))
+        return str(archive)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.delenv(lb.ENV_DIR, raising=False)
+    lb._records.cache_clear()
+    assert [r["_id"] for r in lb.load_longbench("trec")] == ["t0"]
+    assert asked == [("THUDM/LongBench", "data.zip", "dataset")]
+    lb._records.cache_clear()
