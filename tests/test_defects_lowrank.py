@@ -244,8 +244,6 @@ def tiny_mla(version: int = 3):
 
 
 MLA_CACHES = {
-    "xkv": lambda m: compresskv.XKVCache(m, group_size=1, rank_k=4, rank_v=4),
-    "svd": lambda m: compresskv.SVDCache(m, compression_ratio=0.5),
     "minicache": lambda m: compresskv.MiniCache(m, start_layer=0),
     "expected_attention": lambda m: compresskv.ExpectedAttentionCache(m, compression_ratio=0.5),
     "pca": lambda m: compresskv.PCAKVCache(m, texts=calib_ids(), compression_ratio=0.5),
@@ -262,11 +260,12 @@ def test_mla_models_are_refused_at_construction_with_the_reason(version):
             make(model)
         message = str(err.value)
         # the reason, and the methods that do compress an MLA cache (the eviction ones: tests/test_mla.py)
-        for word in ("MLA", "kv_lora_rank", "latent", f"deepseek_v{version}", "snapkv, pyramidkv, streamingllm, knorm"):
+        # (xKV and SVD factorise the latent where transformers caches it: tests/test_mla.py)
+        for word in ("MLA", "kv_lora_rank", "latent", f"deepseek_v{version}", "snapkv, pyramidkv, streamingllm, knorm, xkv, svd"):
             assert word in message, (name, word, message)
         assert "create one cache per model" not in message
         assert model.config._attn_implementation == before, name  # refused before switching attention
-    for method, options in (("minicache", {}), ("xkv", dict(compression_ratio=0.5)),
+    for method, options in (("minicache", {}), ("expected_attention", dict(compression_ratio=0.5)),
                             ("elitekv", dict(compression_ratio=0.5, selection="uniform"))):
         with pytest.raises(ValueError) as err:
             compresskv.patch(model, method, **options)

@@ -88,8 +88,8 @@ def test_a_row_is_compressed_the_same_batched_or_alone(method):
 
 @pytest.mark.parametrize(
     "method, options",
-    [("matryoshka", dict(compression_ratio=0.5)), ("pca", dict(compression_ratio=0.5)), ("xkv", dict(compression_ratio=0.5)),
-     ("svd", dict(compression_ratio=0.5)), ("minicache", {}), ("expected_attention", dict(compression_ratio=0.5)),
+    [("matryoshka", dict(compression_ratio=0.5)), ("pca", dict(compression_ratio=0.5)), ("minicache", {}),
+     ("expected_attention", dict(compression_ratio=0.5)),
      ("elitekv", dict(cache_ratio=0.5, selection="uniform"))],
 )
 def test_methods_that_cannot_apply_refuse_mla_by_name(method, options):
@@ -115,3 +115,61 @@ def test_static_decoding_of_an_mla_cache_gives_the_room_ways_tokens(attn):
     seq, logits = greedy(model, ids, mask, make(decode_tokens=16), new_tokens=6)
     want_seq, want = greedy(model, ids, mask, make(), new_tokens=6)
     assert torch.equal(seq, want_seq) and (logits - want).abs().max().item() <= 1e-4
+
+
+def _full_rank(model, group: int) -> dict:
+    return dict(rank_k=group * RANK, rank_v=group * ROPE)
+
+
+@pytest.mark.parametrize("kind, q_lora", [("v2", None), ("v3", 24)])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("method, group", [("xkv", 3), ("svd", 1)])
+def test_cross_layer_svd_of_the_latents_is_exact_at_full_rank(method, group, attn, kind, q_lora):
+    model = mla_model(kind, attn, q_lora)
+    if not mla_dims(model)["latent"]:
+        pytest.skip("this transformers caches each head's keys and values: xKV refuses it (tested below)")
+    ids, mask = batch_inputs(2, length=40)
+    options = _full_rank(model, group) | (dict(group_size=group) if method == "xkv" else {})
+    seq, logits = greedy(model, ids, mask, compresskv.make_cache(model, method, **options), new_tokens=6)
+    want_seq, want = greedy(model, ids, mask, dynamic(model), new_tokens=6)
+    assert torch.equal(seq, want_seq)
+    assert (logits - want).abs().max().item() <= 2e-4
+
+
+@pytest.mark.parametrize("rank_v", [4, None])
+def test_cross_layer_svd_bytes_are_the_latents_and_factors(rank_v):
+    model = mla_model("v3", "sdpa")
+    if not mla_dims(model)["latent"]:
+        pytest.skip("this transformers caches each head's keys and values: xKV refuses it (tested below)")
+    ids = torch.randint(3, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+    cache = compresskv.XKVCache(model, group_size=3, rank_k=12, rank_v=rank_v)
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, **compresskv.compat.cache_kwargs(cache))
+    r_v = 3 * ROPE if rank_v is None else rank_v  # the RoPE keys at full rank when rank_v is left out
+    latents = 2 * 64 * (12 + r_v)  # one group of 3 layers: [T, r_k] and [T, r_v] per row
+    factors = 3 * 2 * (12 * RANK + r_v * ROPE)  # per layer and row: [r_k, kv_lora_rank], [r_v, rope_dim]
+    assert cache.nbytes() == 4 * (latents + factors)
+    assert cache.stats().uncompressed_nbytes == 4 * 3 * 2 * 64 * (RANK + ROPE)
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [0, 0, 0]  # nothing kept uncompressed
+
+
+def test_cross_layer_svd_from_a_ratio_and_its_errors():
+    model = mla_model("v2", "sdpa")
+    if not mla_dims(model)["latent"]:
+        with pytest.raises(ValueError, match="multi-head latent attention"):
+            compresskv.XKVCache(model, compression_ratio=0.5)
+        return
+    ids = torch.randint(3, VOCAB, (1, 96), generator=torch.Generator().manual_seed(1))
+    cache = compresskv.XKVCache(model, group_size=3, compression_ratio=0.5)
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, **compresskv.compat.cache_kwargs(cache))
+    assert 0.4 < cache.stats().token_ratio <= 0.5  # the prompt at half its bytes (what the ratio asks)
+    cache = compresskv.XKVCache(model, group_size=3, compression_ratio=0.5)
+    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, **compresskv.compat.cache_kwargs(cache))
+    assert out.shape == (1, 100)
+    with pytest.raises(ValueError, match="pre_rope"):
+        compresskv.XKVCache(model, rank_k=8, keys="pre_rope")
+    with pytest.raises(ValueError, match="rank_k"):
+        compresskv.XKVCache(model, group_size=3, rank_k=3 * RANK + 1)
+    with pytest.raises(ValueError, match="rank_v"):
+        compresskv.XKVCache(model, group_size=3, rank_k=8, rank_v=3 * ROPE + 1)

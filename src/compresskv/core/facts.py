@@ -82,7 +82,7 @@ def mla_dims(model: Any) -> MLADims | None:
 
 
 #: Methods that compress a multi-head latent attention (MLA) model's cache.
-MLA_METHODS = ("snapkv", "pyramidkv", "streamingllm", "knorm")
+MLA_METHODS = ("snapkv", "pyramidkv", "streamingllm", "knorm", "xkv", "svd")
 
 
 def refuse_mla(model: Any, owner: str, why: str = "") -> None:
@@ -97,6 +97,7 @@ def refuse_mla(model: Any, owner: str, why: str = "") -> None:
         f"{getattr(config, 'qk_rope_head_dim', None)}): per token "
         "it caches one latent and one RoPE key shared by every head, and expands each head's keys and values from "
         f"them after the cache; {why or 'this method compresses per-head keys and values, which MLA does not cache'}. "
-        f"Methods that compress an MLA cache: {', '.join(MLA_METHODS)}; or use transformers' DynamicCache (the MLA "
+        f"Methods that compress an MLA cache: {', '.join(MLA_METHODS)} (the last two where transformers caches the "
+        "latent); or use transformers' DynamicCache (the MLA "
         "latent is already a compressed cache)."
     )

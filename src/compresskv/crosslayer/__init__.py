@@ -3,11 +3,12 @@ its single-layer SVD baseline and MiniCache (adjacent layers merged).
 
 Modules: :mod:`.factors` (option checks, the truncated SVD, groups, ranks for a ratio),
 :mod:`.positions` (RoPE and prefill positions), :mod:`.group` (what the grouped caches share, and
-read accounting), :mod:`.xkv` (xKV and SVD), :mod:`.minicache` (MiniCache).
+read accounting), :mod:`.xkv` (xKV), :mod:`.svd` (single-layer SVD), :mod:`.minicache` (MiniCache).
 """
 
 from .group import LowRankStats, ReadCost
 from .minicache import MiniCache, MiniCacheLayer
-from .xkv import SVDCache, XKVCache, XKVLayer
+from .svd import SVDCache
+from .xkv import XKVCache, XKVLayer
 
 __all__ = ["LowRankStats", "MiniCache", "MiniCacheLayer", "ReadCost", "SVDCache", "XKVCache", "XKVLayer"]

@@ -72,7 +72,8 @@ def plan_groups(layers: list[int], group_size: int, remainder: str = "error", ow
 
 
 def ranks_for_ratio(
-    compression_ratio: float, tokens: int, group_len: int, kv_heads: int, head_dim: int, key_rank_fraction: float = 0.4
+    compression_ratio: float, tokens: int, group_len: int, kv_heads: int, head_dim: int, key_rank_fraction: float = 0.4,
+    value_dim: int | None = None,
 ) -> tuple[int, int]:
     """(r_k, r_v) that remove at least ``compression_ratio`` of a group's K/V bytes.
 
@@ -84,11 +85,17 @@ def ranks_for_ratio(
 
     Even full rank removes nothing at ``ratio = 0`` (the factors cost more than they save), so
     :class:`XKVCache` stores the prompt uncompressed there instead of calling this.
+
+    ``value_dim`` (default ``head_dim``) is the values' width when it differs from the keys' (an MLA
+    model's shared RoPE key, stored as "values" next to the latent): with ``f = key_rank_fraction``
+    the factors then cost ``G·H·(f·d_k + (1−f)·d_v)`` per rank instead of ``G·H·d``.
     """
-    width = group_len * kv_heads * head_dim
-    total = math.floor((1.0 - compression_ratio) * 2 * width * tokens / (tokens + width) + 1e-9)
-    top = min(tokens, width)
-    rank_k = min(top, max(1, int(round(total * key_rank_fraction))))
-    rank_v = min(top, max(1, total - rank_k))
-    rank_k = min(top, max(rank_k, total - rank_v))  # keys take what the values could not
+    d_v = head_dim if value_dim is None else value_dim
+    width_k, width_v = group_len * kv_heads * head_dim, group_len * kv_heads * d_v
+    per_rank = tokens + key_rank_fraction * width_k + (1 - key_rank_fraction) * width_v
+    total = math.floor((1.0 - compression_ratio) * (width_k + width_v) * tokens / per_rank + 1e-9)
+    top_k, top_v = min(tokens, width_k), min(tokens, width_v)
+    rank_k = min(top_k, max(1, int(round(total * key_rank_fraction))))
+    rank_v = min(top_v, max(1, total - rank_k))
+    rank_k = min(top_k, max(rank_k, total - rank_v))  # keys take what the values could not
     return rank_k, rank_v

@@ -305,7 +305,8 @@ class _GroupedCache(CompressedCache):
         """The checks every grouped cache starts with (MLA refused before any option is judged
         against the wrong shapes; ``read_mode``, ``profile``); sets them and returns the owner's name."""
         owner = type(self).__name__
-        refuse_mla(model, owner)
+        if not self.supports_mla:
+            refuse_mla(model, owner)
         self.read_mode = check_read_mode(owner, read_mode, allowed)
         if not isinstance(profile, bool):
             raise ValueError(f"{owner}: profile must be True or False, got {profile!r}.")

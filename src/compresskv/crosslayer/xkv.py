@@ -30,7 +30,7 @@ import torch
 
 from ..core.attention import AttentionCall
 from ..core.cache import KVLayer
-from ..core.facts import model_dims, text_config
+from ..core.facts import mla_dims, model_dims, refuse_mla, text_config
 from ..core.rope import RotaryTable
 from ..core.storage import tensor_bytes
 from ..kernels.xkv_decode import MAX_ROWS, PrefixRope, merge_with_tail, triton_usable, xkv_decode
@@ -74,14 +74,15 @@ class _XKVGroup(_Group):
         bsz, n_kv, length, dim = first.keys.shape
         dtype, device = first.keys.dtype, first.keys.device  # the latent lives with the group's first layer
         real = call.pad2d[:, -length:].to(device, torch.bool) if call.pad2d is not None else None
-        rank_k, rank_v = cache.group_ranks(len(self.layers), length, n_kv, dim)
+        dim_v = first.values.shape[-1]  # (an MLA latent's shared RoPE key is narrower than the latent)
+        rank_k, rank_v = cache.group_ranks(len(self.layers), length, n_kv, dim, dim_v)
         self.rank_k, self.rank_v = rank_k, rank_v
         # Each row gets the ranks it would get alone (from its own real tokens); the storage has
         # the largest, and a row's columns beyond its own ranks are zero.
         row_ranks = None
         if real is not None:
             lengths = real.sum(dim=-1).tolist()
-            row_ranks = torch.tensor([cache.group_ranks(len(self.layers), int(n), n_kv, dim) for n in lengths],
+            row_ranks = torch.tensor([cache.group_ranks(len(self.layers), int(n), n_kv, dim, dim_v) for n in lengths],
                                      device=device).T  # [2, batch]: r_k, r_v per row
         cos = sin = None
         if cache.keys_mode == "pre_rope":
@@ -93,8 +94,8 @@ class _XKVGroup(_Group):
             )
             cos, sin = cache.rope.prefill_table(pos)
             cos, sin = cos[:, None], sin[:, None]
-        width = n_kv * dim
         for which, (kind, rank) in enumerate((("k", rank_k), ("v", rank_v))):
+            width = n_kv * (dim if kind == "k" else dim_v)
             cols = []
             for layer in self.layers:
                 x = (layer.keys if kind == "k" else layer.values).to(device).float()
@@ -127,6 +128,23 @@ class XKVLayer(PrefixKeys, _PrefixLayer):
         super().__init__(cache, group)
         self.factor_k: torch.Tensor | None = None
         self.factor_v: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`_PrefixLayer.update`; for an MLA model the rebuilt prefix comes first: the model
+        expands each head's keys and values from what the cache returns, after the cache, so the
+        prefix cannot be read in latent space by this layer (see :meth:`attend`)."""
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.cache.mla is not None and self.prefix_len:
+            prefix_k, prefix_v = self.rebuild_prefix()
+            keys, values = torch.cat([prefix_k, keys], dim=-2), torch.cat([prefix_v, values], dim=-2)
+        return keys, values
+
+    def attend(self, call: AttentionCall, fn: Any) -> tuple[torch.Tensor, Any]:
+        if self.cache.mla is not None:  # the keys and values the model passed hold the prefix already
+            return KVLayer.attend(self, call, fn)
+        return super().attend(call, fn)
 
     def _latent(self, kind: str) -> torch.Tensor:
         """The group's shared latent on this layer's device."""
@@ -297,12 +315,14 @@ class XKVCache(_GroupedCache):
         start_layer: first model layer compressed (negative counts from the end). Layers outside
             ``start_layer..end_layer`` stay uncompressed; only full-attention layers are ever compressed.
         end_layer: last model layer compressed (inclusive; ``-1`` is the last).
-        keys: ``"pre_rope"`` (default, as the paper: keys are un-rotated with the model's rotary
-            embedding before the SVD and re-rotated on read) or ``"post_rope"``.
+        keys: ``"pre_rope"`` (the default, as the paper: keys are un-rotated with the model's rotary
+            embedding before the SVD and re-rotated on read) or ``"post_rope"`` (the default, and
+            the only choice, for an MLA model: see below).
         remainder: what to do when ``group_size`` does not divide the compressed layers:
             ``"last_group"`` (default: the leftover layers form a smaller last group; explicit
             ranks are scaled to its size) or ``"error"`` (refuse, listing the sizes that divide).
-        key_rank_fraction: with ``compression_ratio``, the share of ``r_k + r_v`` given to keys.
+        key_rank_fraction: with ``compression_ratio``, the share of ``r_k + r_v`` given to keys
+            (default 0.4, the paper's 2:3; for an MLA model the latent's share of the widths).
         svd_solver: ``"svd"`` (``torch.linalg.svd`` in fp32, default) or ``"gram"`` (eigenvectors of
             the Gram matrix in fp64: faster for long prompts, same result up to rounding).
         read_mode: how the compressed prompt is read at decode (all give the same result):
@@ -323,9 +343,17 @@ class XKVCache(_GroupedCache):
     the factors ``[r_k, kv_heads·head_dim]`` and ``[r_v, kv_heads·head_dim]``; tokens decoded later,
     uncompressed; for pre-RoPE keys the prefill positions (one int64 offset per row in the usual
     case); a validity mask per layer when the batch is padded. All are counted by :meth:`nbytes`.
+
+    MLA models (DeepSeek-V2/V3, on transformers releases that cache the latent): the group's
+    latents ``[T, kv_lora_rank]`` are factorised as the keys are (``rank_k``) and the shared RoPE
+    keys ``[T, qk_rope_head_dim]`` as the values are (``rank_v``; leave it out to keep them at full
+    rank), both post-RoPE (the latent has no RoPE). The model expands each head's keys and values
+    after the cache, so a layer returns its rebuilt prefix to the model at every forward instead of
+    reading it in latent space.
     """
 
     method = "xkv"
+    supports_mla = True
     #: ``factorize(x, rank, svd_solver) -> (latent, factor)``: the truncated factorisation of a
     #: group's ``[batch, T, F]`` fp32 matrix (see :func:`truncated_factors`, the default).
     factorize = staticmethod(truncated_factors)
@@ -339,16 +367,28 @@ class XKVCache(_GroupedCache):
         compression_ratio: float | None = None,
         start_layer: int = 0,
         end_layer: int = -1,
-        keys: KeysMode = "pre_rope",
+        keys: KeysMode | None = None,
         remainder: str = "last_group",
-        key_rank_fraction: float = 0.4,
+        key_rank_fraction: float | None = None,
         svd_solver: str = "svd",
         read_mode: str = "auto",
         profile: bool = False,
     ) -> None:
         owner = self._check_reading(model, read_mode, READ_MODES, profile)
-        dims = model_dims(model)
-        n_kv, head_dim = dims["kv_heads"], dims["head_dim"]
+        dims, mla = model_dims(model), mla_dims(model)
+        n_kv, head_dim, value_dim = dims["kv_heads"], dims["head_dim"], dims["head_dim"]
+        if mla is not None:  # the latent is stored as "keys", the shared RoPE key as "values"
+            if not mla["latent"]:
+                refuse_mla(model, owner, "this transformers release caches each head's keys and values for it, "
+                           "partly rotated by RoPE, where xKV factorises the latent newer releases cache")
+            n_kv, head_dim, value_dim = 1, mla["kv_lora_rank"], mla["rope_dim"]
+            if keys == "pre_rope":
+                raise ValueError(f"{owner}: keys='pre_rope' does not apply to an MLA model: its latent carries no RoPE "
+                                 "(the RoPE key is stored apart); leave keys unset (post-RoPE, the MLA default).")
+        if keys is None:
+            keys = "post_rope" if mla is not None else "pre_rope"
+        if key_rank_fraction is None:  # MLA: ranks in proportion to the widths (the latent is the wider)
+            key_rank_fraction = 0.4 if mla is None else head_dim / (head_dim + value_dim)
         if not _is_int(group_size) or group_size < 1:
             raise ValueError(f"{owner}: group_size must be an int >= 1, got {group_size!r}.")
         if keys not in KEYS_MODES:
@@ -362,18 +402,18 @@ class XKVCache(_GroupedCache):
                 f"(fraction of the compressed layers' K/V bytes removed, in [0, 1)), exactly one of the two; "
                 f"got rank_k={rank_k!r}, rank_v={rank_v!r}, compression_ratio={compression_ratio!r}."
             )
-        width = group_size * n_kv * head_dim
-        if ranks_given and (rank_k is None or rank_v is None):
+        if ranks_given and (rank_k is None or (rank_v is None and mla is None)):
             raise ValueError(
                 f"{owner}: give both rank_k= and rank_v= (the paper uses r_v = 1.5 r_k), got rank_k={rank_k!r}, "
                 f"rank_v={rank_v!r}; or give compression_ratio= instead."
             )
-        if ranks_given:
-            for name, rank in (("rank_k", rank_k), ("rank_v", rank_v)):
-                if not _is_int(rank) or not 1 <= rank <= width:
+        if ranks_given:  # (MLA: rank_v, of the RoPE keys, may be left out: then they are kept at full rank)
+            for name, rank, dim in (("rank_k", rank_k, head_dim), ("rank_v", rank_v, value_dim)):
+                width = group_size * n_kv * dim
+                if rank is not None and (not _is_int(rank) or not 1 <= rank <= width):
                     raise ValueError(
                         f"{owner}: {name} must be an int in [1, {width}]: a group of {group_size} layer(s) x "
-                        f"{n_kv} KV heads x head_dim {head_dim} has {width} columns, so its rank is at most "
+                        f"{n_kv} KV heads x {dim} dims has {width} columns, so its rank is at most "
                         f"{width}; got {name}={rank!r}."
                     )
         if compression_ratio is not None and not (_is_number(compression_ratio) and 0.0 <= compression_ratio < 1.0):
@@ -410,17 +450,19 @@ class XKVCache(_GroupedCache):
     def _new_layer(self, group: _Group) -> KVLayer:
         return XKVLayer(self, group)  # type: ignore[arg-type]
 
-    def group_ranks(self, group_len: int, tokens: int, n_kv: int, head_dim: int) -> tuple[int, int]:
-        """(r_k, r_v) of a group of ``group_len`` layers for a prefill of ``tokens`` tokens."""
+    def group_ranks(self, group_len: int, tokens: int, n_kv: int, head_dim: int,
+                    value_dim: int | None = None) -> tuple[int, int]:
+        """(r_k, r_v) of a group of ``group_len`` layers for a prefill of ``tokens`` tokens
+        (``value_dim``: the values' width, when not ``head_dim``)."""
+        d_v = head_dim if value_dim is None else value_dim
         if self.compression_ratio is not None:
-            return ranks_for_ratio(self.compression_ratio, tokens, group_len, n_kv, head_dim, self.key_rank_fraction)
-        assert self.rank_k is not None and self.rank_v is not None
-        rank_k, rank_v = self.rank_k, self.rank_v
+            return ranks_for_ratio(self.compression_ratio, tokens, group_len, n_kv, head_dim, self.key_rank_fraction, d_v)
+        assert self.rank_k is not None
+        rank_k, rank_v = self.rank_k, self.rank_v if self.rank_v is not None else self.group_size * n_kv * d_v
         if group_len != self.group_size:  # a smaller last group (remainder="last_group")
             rank_k = max(1, round(rank_k * group_len / self.group_size))
             rank_v = max(1, round(rank_v * group_len / self.group_size))
-        top = min(tokens, group_len * n_kv * head_dim)
-        return min(rank_k, top), min(rank_v, top)
+        return min(rank_k, tokens, group_len * n_kv * head_dim), min(rank_v, tokens, group_len * n_kv * d_v)
 
     def prefix_rope(self, device: Any = None) -> PrefixRope | None:
         """The RoPE that re-rotates the stored pre-RoPE keys (``None`` for post-RoPE keys), with its
@@ -463,27 +505,3 @@ class XKVCache(_GroupedCache):
     def _extra_stats(self) -> dict[str, Any]:
         return {"group_size": self.group_size, "svd_solver": self.svd_solver, "read_mode": self.read_mode,
                 "compression_ratio": self.compression_ratio, "compresses": self.compresses}
-
-
-class SVDCache(XKVCache):
-    """Single-layer SVD: :class:`XKVCache` with ``group_size=1`` (each layer factorised on its own),
-    the baseline xKV is compared against.
-
-    Args:
-        model: the transformers model the cache is for.
-        **kwargs: :class:`XKVCache`'s options but ``group_size`` (always 1; ``remainder`` does not
-            matter then): ``rank_k``, ``rank_v``, ``compression_ratio``, ``start_layer``,
-            ``end_layer``, ``keys``, ``key_rank_fraction``, ``svd_solver``, ``read_mode``, ``profile``.
-    """
-
-    method = "svd"
-
-    fixed_options = ("group_size", "remainder")  # one layer per group: nothing to group or leave over
-
-    def __init__(self, model: torch.nn.Module, **kwargs: Any) -> None:
-        if "group_size" in kwargs:
-            raise TypeError(
-                f"{type(self).__name__} factorises each layer on its own (group_size=1); for groups of "
-                f"layers use XKVCache(group_size=...), got group_size={kwargs['group_size']!r}."
-            )
-        super().__init__(model, group_size=1, **kwargs)
