@@ -27,32 +27,29 @@ def _listed(text: str, what: str) -> list[str]:
     return list(dict.fromkeys(items))  # in order, each once
 
 
-def _ratios(text: str) -> list[float]:
-    what = "comma-separated compression ratios in [0, 1) (the fraction of the cache removed), e.g. 0.5,0.875"
-    ratios = []
+def _fractions(text: str, what: str, removed: bool) -> list[float]:
+    """Comma-separated numbers in [0, 1) (fractions removed) or, with ``removed=False``, in (0, 1]
+    (fractions kept)."""
+    values = []
     for item in _listed(text, what):
         try:
-            ratio = float(item)
+            value = float(item)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{item!r} is not a number; give {what}") from None
-        if not 0.0 <= ratio < 1.0:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{item} is outside [0, 1); give {what}")
-        ratios.append(ratio)
-    return ratios
+        if not (0.0 <= value < 1.0 if removed else 0.0 < value <= 1.0):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{item} is outside {'[0, 1)' if removed else '(0, 1]'}; give {what}")
+        values.append(value)
+    return values
+
+
+def _ratios(text: str) -> list[float]:
+    return _fractions(text, "comma-separated compression ratios in [0, 1) (the fraction of the cache removed), "
+                            "e.g. 0.5,0.875", removed=True)
 
 
 def _cache_ratios(text: str) -> list[float]:
-    what = "comma-separated cache ratios in (0, 1] (the fraction of the cache kept), e.g. 0.25,0.5"
-    ratios = []
-    for item in _listed(text, what):
-        try:
-            ratio = float(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not a number; give {what}") from None
-        if not 0.0 < ratio <= 1.0:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{item} is outside (0, 1]; give {what}")
-        ratios.append(ratio)
-    return ratios
+    return _fractions(text, "comma-separated cache ratios in (0, 1] (the fraction of the cache kept), e.g. 0.25,0.5",
+                      removed=False)
 
 
 def _count(minimum: int, what: str):
