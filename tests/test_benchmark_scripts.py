@@ -12,7 +12,7 @@ from compresskv.eval.machine import machine_info
 from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("eviction", "xkv", "lowrank", "elitekv")
+SCRIPTS = ("eviction", "xkv", "lowrank", "elitekv", "mla", "long_generation")
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -78,3 +78,28 @@ def test_decode_benchmark_smoke_runs_every_kind_of_row_and_resumes(tmp_path):
     assert "| snapkv@0.5+compile |" in (tmp_path / "d.md").read_text()
     again = module.main(argv)
     assert again["cells"] == result["cells"]  # nothing re-measured
+
+
+def test_long_generation_smoke_bounded_memory_is_flat_and_dynamic_grows(tmp_path):
+    """``benchmarks/long_generation.py --smoke``: StreamingLLM, a bounded method and DynamicCache
+    stream the same tokens; the bounded caches' bytes stop growing at the budget, DynamicCache's do not."""
+    module = load_benchmark("long_generation")
+    argv = ["--smoke", "--tokens", "600", "--prompt", "64", "--budgets", "128", "--methods", "snapkv",
+            "--interval", "16", "--segment", "128", "--out", str(tmp_path / "lg")]
+    result = module.main(argv)
+    assert set(result["runs"]) == {"streamingllm@128", "snapkv@128", "dynamiccache@None"}
+    for key in ("streamingllm@128", "snapkv@128"):
+        sizes = [s["cache_bytes"] for s in result["runs"][key]["segments"]]
+        assert len(sizes) == 5 and len(set(sizes)) == 1, (key, sizes)
+    full = [s["cache_bytes"] for s in result["runs"]["dynamiccache@None"]["segments"]]
+    assert full == sorted(full) and full[-1] > 3 * full[0]
+    assert all(r["ppl"] > 1 and r["scored"] == 600 - 64 for r in result["runs"].values())
+    text = (tmp_path / "lg.md").read_text()
+    assert "| 128 | snapkv |" in text and "unbounded" in text
+    again = module.main(argv)  # every run is in the results already: nothing reruns
+    assert again["runs"] == result["runs"]
+    assert result["rope_parameters"] is None  # 600 tokens fit the model's 4096 positions
+    scaled = module.main(["--smoke", "--tokens", "300", "--prompt", "64", "--budgets", "128", "--methods", "snapkv",
+                          "--no-full", "--rope-scaling", "yarn:2", "--out", str(tmp_path / "scaled")])
+    assert scaled["rope_parameters"]["rope_type"] == "yarn" and scaled["rope_parameters"]["factor"] == 2.0
+    assert "yarn x2" in (tmp_path / "scaled.md").read_text()
