@@ -167,6 +167,8 @@ class EvictionLayer(BoundedDecode, KVLayer):
     def __init__(self, cache: "EvictionCache", index: int, n_full: int) -> None:
         super().__init__()
         self.cache, self.index, self.n_full = cache, index, n_full
+        #: tokens this layer may hold while decoding (``None``: unbounded), fixed with the cache
+        self.decode_limit = cache.decode_limit(index, n_full)
         self.init_bounded()
 
     def after_attention(self, call: AttentionCall) -> None:
@@ -238,12 +240,17 @@ class EvictionLayer(BoundedDecode, KVLayer):
             picked.scatter_(-1, top, True)
             picked[..., seq_len - window :] = True
             chosen[sel] = picked & real[sel]
-        slots = int(chosen.sum(dim=-1).max())
-        # Chosen tokens first, in order, then filler (masked): every head of a row has the same
-        # number of valid slots, in front, which flash attention's per-row mask needs.
-        position = torch.arange(seq_len, device=device)
-        index = torch.sort(position + (~chosen) * seq_len, dim=-1).indices[..., :slots]
-        self.keep(index, chosen.gather(-1, index))
+        self.keep_chosen(chosen, int(chosen.sum(dim=-1).max()))
+
+    def keep_chosen(self, chosen: torch.Tensor, slots: int, filler: bool = True, capacity: int | None = None) -> None:
+        """Keep the ``chosen`` stored slots (``[batch, kv_heads, T]`` booleans) in ``slots`` slots a row:
+        chosen tokens first, in order, then filler, masked (every head of a row has its valid slots in
+        front, which flash attention's per-row mask needs). ``filler=False`` when every row and head
+        chose exactly ``slots`` (nothing to mask); ``capacity`` as :meth:`KVLayer.keep`'s."""
+        total = chosen.shape[-1]
+        position = torch.arange(total, device=chosen.device)
+        index = torch.sort(position + (~chosen) * total, dim=-1).indices[..., :slots]
+        self.keep(index, chosen.gather(-1, index) if filler else None, capacity=capacity)
 
 
 class EvictionCache(CompressedCache):

@@ -33,8 +33,7 @@ class BoundedDecode:
     """Mixin of :class:`~compresskv.eviction.base.EvictionLayer`: the decode-time budget."""
 
     cache: Any
-    index: int
-    n_full: int
+    decode_limit: int | None  # tokens the layer may hold while decoding (None: unbounded), set by the layer
     keys: torch.Tensor
     values: torch.Tensor
     seen: int
@@ -49,11 +48,6 @@ class BoundedDecode:
         self.recent_queries = self.row_pad = None
         self._recorded = 0  # queries written to the ring so far
         self._scaling = 1.0
-
-    @property
-    def decode_limit(self) -> int | None:
-        """Tokens this layer may hold while decoding (``None``: unbounded)."""
-        return self.cache.decode_limit(self.index, self.n_full)
 
     def room_size(self, used: int, n: int) -> int:
         limit = self.decode_limit
@@ -107,8 +101,7 @@ class BoundedDecode:
                 "forward, or raise decode_budget."
             )
         valid = self.valid  # type: ignore[attr-defined]
-        bsz, n_kv, _, dim = self.keys.shape
-        device = self.keys.device
+        bsz, device = self.keys.shape[0], self.keys.device
         if valid is None:  # every slot real: every row evicts
             rows, counts = list(range(bsz)), [slots] * bsz
         else:
@@ -123,9 +116,7 @@ class BoundedDecode:
             else:
                 chosen[sel] = picked
         after = max([keep] * bool(rows) + [c for r, c in enumerate(counts) if r not in rows])
-        position = torch.arange(slots, device=device)
-        index = torch.sort(position + (~chosen) * slots, dim=-1).indices[..., :after]
-        self.keep(index, None if valid is None else chosen.gather(-1, index), capacity=limit)  # type: ignore[attr-defined]
+        self.keep_chosen(chosen, after, filler=valid is not None, capacity=limit)  # type: ignore[attr-defined]
 
     def _pick(self, sel: Any, keep: int, window: int, valid: torch.Tensor | None) -> torch.Tensor:
         """Which slots the rows ``sel`` keep (``keep`` per KV head: the method's best-scored and
