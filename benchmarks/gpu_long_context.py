@@ -88,6 +88,8 @@ EVICTION = ("snapkv", "pyramidkv", "streamingllm", "knorm", "expected_attention"
 PROJECTED = ("matryoshka", "pca")
 #: methods whose options set the bytes ratio exactly (up to rounding and small per-layer factors)
 EXACT_RATIO = EVICTION + PROJECTED + ("xkv", "svd", "elitekv")
+#: KIVI quantization alone: the most it removes in 16 bits (codes plus a 16-bit scale and zero per 32)
+QUANTIZED_MAX_RATIO = {"int4": 16 / 5, "int8": 16 / 9}
 MINICACHE_MAX_RATIO = 2.0
 TARGET_SPEEDUP = 1.5
 TARGET_CONTEXT = 32768
@@ -337,6 +339,8 @@ def method_options(method: str, ratio: float, projections: Any, args: argparse.N
         return {"start_layer": 0} if ratio <= MINICACHE_MAX_RATIO else None
     if method == "elitekv":
         return {"compression_ratio": removed, "selection": "uniform", "keep_original": True, "progress": False}
+    if method in QUANTIZED_MAX_RATIO:
+        return {} if ratio <= QUANTIZED_MAX_RATIO[method] else None
     raise ValueError(f"gpu_long_context: no options known for method {method!r}")
 
 

@@ -87,6 +87,10 @@ NO_COMPRESSION: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]
     "svd": ("svd", lambda m: dict(rank_k=_full_width(m, 1), rank_v=_full_width(m, 1))),
     "minicache": ("minicache", lambda m: dict(start_layer=0, gamma=1.0)),
     "elitekv": ("elitekv", lambda m: {}),  # the model is converted with every pair and the full joint rank
+    # quantization: every token within the full-precision residual
+    "int4": ("int4", lambda m: dict(residual=EVERYTHING)),
+    "int8": ("int8", lambda m: dict(residual=EVERYTHING)),
+    "snapkv-int4": ("snapkv+int4", lambda m: dict(budget=EVERYTHING, window_size=8, residual=EVERYTHING)),
 }
 # Settings that do compress (used on the split model: generate must work and place tensors right).
 COMPRESSING: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]]] = {
@@ -105,6 +109,9 @@ COMPRESSING: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]]] 
     "svd": ("svd", lambda m: dict(compression_ratio=0.5)),
     "minicache": ("minicache", lambda m: dict(start_layer=0)),
     "elitekv": ("elitekv", lambda m: {}),
+    "int4": ("int4", lambda m: dict(residual=8, group_size=8)),
+    "int8": ("int8", lambda m: dict(residual=8, group_size=8)),
+    "snapkv-int4": ("snapkv+int4", lambda m: dict(compression_ratio=0.75, window_size=8, residual=8, group_size=8)),
 }
 VARIANTS = sorted(NO_COMPRESSION)
 

@@ -38,6 +38,7 @@ _EXPORTS = {
     "last_cache": "patching", "last_stats": "patching",
     "patched": "patching", "register_method": "patching", "unpatch": "patching",
     "prefill": "reuse", "ask": "reuse",
+    "QuantizedKVCache": "compose", "composed": "compose",
 }
 
 if TYPE_CHECKING:  # what static tools see
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # what static tools see
     from .patching import available_methods, make_cache, method_options, patch, patched, register_method, unpatch
     from .patching import last_cache, last_stats
     from .reuse import ask, prefill
+    from .compose import QuantizedKVCache, composed
     from .projected import MatryoshkaKVCache, PCAKVCache, Projections, allocate_ranks, calibrate, train_projections
 
 
@@ -68,6 +70,7 @@ __all__ = [
     "KnormCache",
     "MatryoshkaKVCache",
     "PCAKVCache",
+    "QuantizedKVCache",
     "Projections",
     "MiniCache",
     "PyramidKVCache",
@@ -79,6 +82,7 @@ __all__ = [
     "ask",
     "available_methods",
     "calibrate",
+    "composed",
     "elitekv",
     "last_cache",
     "last_stats",

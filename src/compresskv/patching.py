@@ -36,12 +36,13 @@ def _registry() -> dict[str, CacheFactory]:
         from . import elitekv
         from .crosslayer import MiniCache, SVDCache, XKVCache
         from .eviction import ExpectedAttentionCache, KnormCache, PyramidKVCache, SnapKVCache, StreamingLLMCache
+        from .compose import composed
         from .projected import MatryoshkaKVCache, PCAKVCache
 
         builtins = {"pyramidkv": PyramidKVCache, "snapkv": SnapKVCache, "knorm": KnormCache,
                     "streamingllm": StreamingLLMCache, "matryoshka": MatryoshkaKVCache, "pca": PCAKVCache,
                     "xkv": XKVCache, "svd": SVDCache, "minicache": MiniCache, "elitekv": elitekv.make_cache,
-                    "expected_attention": ExpectedAttentionCache}
+                    "expected_attention": ExpectedAttentionCache, "int4": composed("int4"), "int8": composed("int8")}
         for name, factory in builtins.items():
             _METHODS.setdefault(name, factory)  # a method the user registered first keeps its factory
     return _METHODS
@@ -82,6 +83,10 @@ def factory_options(factory: Any) -> list[str]:
 
 def _factory(method: str) -> CacheFactory:
     methods = _registry()
+    if isinstance(method, str) and "+" in method and method not in methods:
+        from .compose import composed
+
+        return composed(method)  # stages joined by "+": compresskv.compose
     if not isinstance(method, str) or method not in methods:
         raise ValueError(f"compresskv: unknown method {method!r}; choose one of {available_methods()}.")
     return methods[method]
