@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -102,6 +101,27 @@ def _methods(text: str) -> list[str]:
     if text.strip() == "all":
         return available_methods()
     return _known(text, available_methods() + ["all"], "method")
+
+
+def _bench_methods(text: str) -> list[str]:
+    """As ``_methods``, plus compositions (``snapkv+int4``) and the ``quantizedcache_*`` baselines."""
+    from . import available_methods
+    from .eval.methods import BASELINES, resolves
+
+    known = available_methods() + sorted(BASELINES)
+    names = available_methods() if text.strip() == "all" else _listed(text, f"method names from {', '.join(known)}")
+    if unknown := [n for n in names if n not in BASELINES and not resolves(n)]:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}, "
+                                         "or a composition joined by + (e.g. snapkv+int4, snapkv+pca+int4)")
+    return names
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that it was given (``--frontier`` has default ratios of its own)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest + "_given", True)
 
 
 def _all_tasks() -> list[str]:
@@ -206,33 +226,25 @@ def bench(args: argparse.Namespace) -> int:
 
     from . import available_methods, load_model
     from .eval.bench import PERPLEXITY, BenchConfig, run_bench, table_markdown
+    from .eval.frontier import FRONTIER_METHODS, FRONTIER_RATIOS
     from .eval.tasks import available_tasks
+    from .models import DEFAULT_MODEL
 
     import torch
 
     torch.set_num_threads(args.threads)
-    methods = args.methods or available_methods()
+    methods = args.methods or (list(FRONTIER_METHODS) if args.frontier else available_methods())
+    ratios = list(FRONTIER_RATIOS) if args.frontier and not args.ratios_given else args.ratios
     tasks = args.tasks or available_tasks() + ([PERPLEXITY] if args.text else [])
     if args.question_after:  # each RULER-style task also with its question asked after compression
         from .eval.bench import AFTER
 
         tasks = tasks + [t + AFTER for t in tasks if t != PERPLEXITY and not t.endswith(AFTER) and t + AFTER not in tasks]
-    from .models import DEFAULT_MODEL
-
     config = BenchConfig(
-        methods=methods,
-        ratios=args.ratios,
-        tasks=tasks,
-        length=args.length,
-        seeds=args.seeds,
-        out=args.out,
-        model=args.model or DEFAULT_MODEL,
-        text=args.text,
-        haystack=args.haystack,
-        continuation=args.continuation,
-        calibration=args.calibration or _bundled_text(),
-        command=shlex.join(["compresskv", *(args.argv or [])]),
-        longbench_dir=args.longbench_dir,
+        methods=methods, ratios=ratios, tasks=tasks, length=args.length, seeds=args.seeds, out=args.out,
+        model=args.model or DEFAULT_MODEL, text=args.text, haystack=args.haystack, continuation=args.continuation,
+        calibration=args.calibration or _bundled_text(), command=shlex.join(["compresskv", *(args.argv or [])]),
+        longbench_dir=args.longbench_dir, frontier=args.frontier,
     )
     model, tokenizer = load_model(args.model, device=args.device)
     print(f"model: {config.model} on {args.device}; tasks {tasks}; methods {methods}", file=sys.stderr)
@@ -323,6 +335,7 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .eval.demo import DEFAULT_LENGTH as DEMO_LENGTH, DEFAULT_METHODS as DEMO_METHODS, DEFAULT_RATIOS as DEMO_RATIOS
+    from .eval.frontier import FRONTIER_METHODS
     from .eval.results import DEFAULT_OUT
 
     parser = argparse.ArgumentParser(prog="compresskv", description="Compressed KV caches for transformers.")
@@ -355,12 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every method at every ratio on RULER-style tasks (and perplexity with --text), against "
         "DynamicCache in the same run. pca, matryoshka and elitekv calibrate once on --calibration (kept under "
         "$COMPRESSKV_CACHE/bench); minicache, which has no ratio, runs once at its defaults. Writes OUT.jsonl "
-        "(resumable: rerunning skips finished rows), OUT.md and OUT.png.",
+        "(resumable: rerunning skips finished rows), OUT.md and OUT.png; with --frontier also OUT_frontier.json "
+        "and OUT_frontier.png.",
     )
     b.add_argument("--model", type=_model, default=None, help="hub id or local path (default: embedded SmolLM2-135M-Instruct)")
-    b.add_argument("--methods", type=_methods, default=None, help="comma-separated method names (default: all registered)")
-    b.add_argument("--ratios", type=_ratios, default="0.5,0.75,0.875",
-                   help="compression ratios, each in [0, 1) (default: 0.5,0.75,0.875)")
+    b.add_argument("--methods", type=_bench_methods, default=None,
+                   help="comma-separated method names, compositions (snapkv+int4, snapkv+pca+int4) or transformers' "
+                   "QuantizedCache (quantizedcache_int4, _int2) (default: all registered; --frontier: its list)")
+    b.add_argument("--ratios", type=_ratios, action=_Given, default="0.5,0.75,0.875",
+                   help="compression ratios, each in [0, 1) (default: 0.5,0.75,0.875; with --frontier: "
+                   "0.75,0.875,0.9375)")
+    b.add_argument("--frontier", action="store_true",
+                   help="quality per byte: the best row and best single method at 1/4, 1/8, 1/16 of the full "
+                   "cache's bytes (in OUT.md, OUT_frontier.json), score vs bytes (OUT_frontier.png); default methods: "
+                   f"{','.join(FRONTIER_METHODS)}")
     b.add_argument("--tasks", type=_tasks, default=None, help="comma-separated: niah_single, niah_multikey, "
                    "niah_multivalue, niah_multiquery, vt, cwe, perplexity, longbench:TASK (LongBench v1, e.g. "
                    "longbench:qasper; the seeds index its records, --length truncates its prompts) (default: all six "
@@ -386,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"output stem, relative to the working directory (default: {DEFAULT_OUT})")
     _device_and_threads(b)
-    b.set_defaults(func=bench, parser=b)
+    b.set_defaults(func=bench, parser=b, ratios_given=False)
     e = sub.add_parser(
         "elitekv-allocate", help="EliteKV: sweep the rotated RoPE pairs r per cache ratio by held-out perplexity",
         description="For each cache ratio, convert the model training-free (RoPElite pairs, activation-aware "

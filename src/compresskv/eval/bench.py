@@ -9,9 +9,14 @@ taken pairwise against the full-cache row of the same task and seed.
 
 Methods are built by :class:`compresskv.eval.methods.MethodBuilder`: from ``compression_ratio``
 (the fraction of the prompt's cache removed), after a one-off calibration on ``calibration`` for
-``pca``, ``matryoshka`` and ``elitekv``, or at their default settings when they have no ratio
-(``minicache``). A method that cannot be built is skipped with a printed note. Runs go method by
-method (an EliteKV conversion happens once per ratio and is reverted before anything else runs).
+``pca``, ``matryoshka`` and ``elitekv`` (and compositions with a ``pca`` or ``matryoshka`` stage),
+or at their default settings when they have no ratio (``minicache``, ``int4``, the
+``quantizedcache_*`` baselines: transformers' own ``QuantizedCache``). A method that cannot be
+built is skipped with a printed note. Runs go method by method (an EliteKV conversion happens once
+per ratio and is reverted before anything else runs).
+
+With ``frontier`` (``compresskv bench --frontier``) the page also gets a "Quality per byte" section,
+and ``<out>_frontier.json`` and ``<out>_frontier.png`` are written (:mod:`compresskv.eval.frontier`).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class BenchConfig:
     #: folder of LongBench ``<task>.jsonl`` files for ``longbench:TASK`` tasks (``None``:
     #: ``$COMPRESSKV_LONGBENCH_DIR``, else the hub); see :mod:`compresskv.eval.longbench`
     longbench_dir: str | None = None
+    #: also pick the best row per share of the full cache's bytes (:mod:`compresskv.eval.frontier`)
+    frontier: bool = False
 
 
 def row_key(model: str, length: int, task: str, seed: int, method: str, ratio: float, source: str | None) -> str:
@@ -96,16 +103,17 @@ def usable_methods(
     model: Any, methods: Sequence[str], ratios: Sequence[float], log: Callable[[str], None] = print,
     builder: Any = None,
 ) -> list[str]:
-    """The methods that can be benchmarked: registered, and either calibrated (given a calibration
+    """The methods that can be benchmarked: registered (or compositions, or the bench's
+    ``quantizedcache_*`` baselines), and either calibrated (given a calibration
     text; built lazily, their failures are recorded per row) or buildable at every ratio right
     away. A note is logged for each one skipped."""
-    from .methods import CALIBRATED, MethodBuilder
+    from .methods import MethodBuilder, calibration_need
 
     builder = builder or MethodBuilder(model, None, None, ratios, log=log)
     ok = []
     for method in methods:
         why = builder.unusable(method)
-        if why is None and method not in CALIBRATED:
+        if why is None and not calibration_need(method):
             try:
                 for ratio in builder.ratios_for(method, ratios):
                     builder.build(method, ratio)
@@ -123,7 +131,8 @@ def run_bench(
     model: Any, tokenizer: Any, config: BenchConfig, log: Callable[[str], None] | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Run (or resume) the benchmark described by ``config``; write ``<out>.jsonl``, ``<out>.md``
-    and ``<out>.png`` (the plot needs matplotlib: ``pip install 'compresskv[bench]'``). Returns
+    and ``<out>.png`` (the plot needs matplotlib: ``pip install 'compresskv[bench]'``), and with
+    ``config.frontier`` ``<out>_frontier.json`` and ``<out>_frontier.png``. Returns
     ``{"rows", "table", "skipped", "paths"}``."""
     from tqdm.auto import tqdm
 
@@ -226,14 +235,23 @@ def run_bench(
     ratios = sorted({r for _, r in runs[1:]}, key=lambda r: (r == DEFAULT_SETTINGS, r))
     table = aggregate(rows, config.tasks, [FULL] + methods, ratios)
     md_path = Path(str(config.out) + ".md")
-    md_path.write_text(markdown(rows, table, config, skipped))
+    page = markdown(rows, table, config, skipped)
     png_path: Path | None = Path(str(config.out) + ".png")
+    title = f"{config.model}, ~{config.length} tokens"
     try:
-        plot(table, config.tasks, png_path, title=f"{config.model}, ~{config.length} tokens")
+        plot(table, config.tasks, png_path, title=title)
     except ImportError:
         say("note: no plot written (matplotlib is missing: pip install 'compresskv[bench]')")
         png_path = None
-    return {"rows": rows, "table": table, "skipped": skipped, "paths": [jsonl, md_path, png_path]}
+    paths = [jsonl, md_path, png_path]
+    if config.frontier:
+        from .frontier import write_frontier
+
+        section, written = write_frontier(table, config.out, title=f"quality per byte: {title}", log=say)
+        page += "\n" + section
+        paths += written
+    md_path.write_text(page)
+    return {"rows": rows, "table": table, "skipped": skipped, "paths": paths}
 
 
 def _run_one(model: Any, tokenizer: Any, builder: Any, task_obj: Any, task: str, method: str, ratio: float) -> dict[str, Any]:

@@ -12,8 +12,14 @@ does once per model and calibration text and keeps on disk (``$COMPRESSKV_CACHE/
   ``DynamicCache`` baseline always runs the model as loaded.
 
 Methods with no ``compression_ratio`` at all (``minicache``: its saving is fixed by its layer
-pairing) run once at their default settings, under the ratio :data:`DEFAULT_SETTINGS`; the table
-and the plot then use the saving they measured.
+pairing; ``int4``/``int8``) run once at their default settings, under the ratio
+:data:`DEFAULT_SETTINGS`; the table and the plot then use the saving they measured.
+
+A composition (``snapkv+int4``, ``snapkv+pca+int4``: stages joined by ``+``, resolved by
+``compresskv.patching``) is a method like the others; one with a ``pca`` or ``matryoshka`` stage is
+calibrated as that method is. Two bench-only baselines are not compresskv methods at all:
+``quantizedcache_int4`` and ``quantizedcache_int2``, transformers' own ``QuantizedCache`` (quanto
+backend) at its default settings, with the bytes of the tensors it really holds (:func:`quantized_cache`).
 
 Calibration, training and allocation read disjoint token ranges of the calibration text, and the
 text should not be the one the benchmark evaluates on.
@@ -21,6 +27,7 @@ text should not be the one the benchmark evaluates on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -41,11 +48,86 @@ TRAIN_SEQ_LEN, TRAIN_STEPS = 512, 32
 ALLOC_SEQ_LEN, ALLOC_WINDOWS = 512, 2
 
 
+#: Bench-only baselines: transformers' ``QuantizedCache`` (quanto backend) at these bits.
+BASELINES = {"quantizedcache_int4": 4, "quantizedcache_int2": 2}
+#: Its settings: transformers' defaults (per-channel groups of 64, the last 128 tokens unquantized).
+QUANTIZED_GROUP, QUANTIZED_RESIDUAL = 64, 128
+
+
 def takes_ratio(method: str) -> bool:
-    """Whether ``method`` (a registered name) has a ``compression_ratio`` option."""
+    """Whether ``method`` (a registered name or a composition) has a ``compression_ratio`` option;
+    the bench-only baselines (:data:`BASELINES`) have none."""
     from ..patching import method_options
 
-    return "compression_ratio" in method_options(method)
+    return method not in BASELINES and "compression_ratio" in method_options(method)
+
+
+def calibration_need(method: str) -> str | None:
+    """What ``method`` must calibrate (see :data:`CALIBRATED`), or ``None``: a composition needs
+    what its ``pca`` or ``matryoshka`` stage needs."""
+    needs = [CALIBRATED[part] for part in method.split("+") if part in CALIBRATED]
+    return needs[0] if needs else None
+
+
+def resolves(method: str) -> bool:
+    """Whether ``compresskv.patching`` builds ``method`` (a registered name or a composition)."""
+    try:
+        _factory(method)
+    except ValueError:
+        return False
+    return True
+
+
+def quanto_missing() -> bool:
+    """Whether optimum-quanto (the ``QuantizedCache`` baselines' backend) cannot be imported."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("optimum.quanto") is None
+    except (ImportError, ValueError):  # no ``optimum`` package at all
+        return True
+
+
+def qtensor_nbytes(tensor: Any) -> int:
+    """Bytes of the plain tensors behind ``tensor``: a tensor subclass (optimum-quanto's quantized
+    tensors, their packed data) is flattened recursively with ``__tensor_flatten__``; ``None`` is 0."""
+    if tensor is None:
+        return 0
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(qtensor_nbytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+@functools.cache
+def _measured_quantized_cache() -> type:
+    # Made on first use: importing transformers here would slow ``compresskv --help``.
+    from transformers import QuantizedCache
+
+    class MeasuredQuantizedCache(QuantizedCache):
+        """transformers' ``QuantizedCache`` with ``nbytes()``: every tensor it holds, the quantized
+        keys/values (data, scales, shifts) and the full-precision residual."""
+
+        def nbytes(self) -> int:
+            return sum(
+                qtensor_nbytes(getattr(layer, name, None))
+                for layer in self.layers
+                for name in ("_quantized_keys", "_quantized_values", "keys", "values")
+            )
+
+    return MeasuredQuantizedCache
+
+
+def quantized_cache(model: Any, nbits: int = 4, q_group_size: int = QUANTIZED_GROUP,
+                    residual_length: int = QUANTIZED_RESIDUAL) -> Any:
+    """transformers' ``QuantizedCache(backend="quanto")`` for ``model`` (KIVI-style: per-channel
+    groups, the newest ``residual_length`` tokens kept in full precision), with an ``nbytes()`` that
+    sums the tensors it holds, so the bench measures it as any other cache. The keyword arguments
+    are the same from transformers 5.4 on. Needs optimum-quanto."""
+    if nbits not in (2, 4):
+        raise ValueError(f"quantized_cache: nbits must be 2 or 4 (quanto's integer types), got {nbits!r}")
+    return _measured_quantized_cache()(backend="quanto", config=model.config, nbits=nbits,
+                                       q_group_size=q_group_size, residual_length=residual_length)
 
 
 def ratio_label(ratio: float) -> str:
@@ -95,15 +177,19 @@ class MethodBuilder:
         """Why ``method`` cannot be benchmarked here, or ``None`` when it can."""
         from ..patching import available_methods
 
-        if method not in available_methods():
-            return f"not a registered method (available: {available_methods()})"
-        if method in CALIBRATED and not self.calibration:
-            return f"needs {CALIBRATED[method]}: give a calibration text (--calibration FILE)"
+        if method in BASELINES:
+            return "needs optimum-quanto (pip install optimum-quanto)" if quanto_missing() else None
+        if not resolves(method):
+            return (f"not a registered method or composition (available: {available_methods()}, "
+                    f"compositions joined by '+', and {sorted(BASELINES)})")
+        need = calibration_need(method)
+        if need and not self.calibration:
+            return f"needs {need}: give a calibration text (--calibration FILE)"
         return None
 
     def source(self, method: str) -> str | None:
         """What a method's rows depend on beyond the model and the task (part of the row key)."""
-        return f"calibration={self.calibration}" if method in CALIBRATED else None
+        return f"calibration={self.calibration}" if calibration_need(method) else None
 
     # -- building ------------------------------------------------------------------------------
     def build(self, method: str, ratio: float, **options: Any) -> Any:
@@ -111,6 +197,12 @@ class MethodBuilder:
         the cache's further ``options`` (e.g. ``decode_tokens=``)."""
         from ..patching import make_cache
 
+        if method in BASELINES:
+            if ratio != DEFAULT_SETTINGS or options:
+                raise ValueError(f"compresskv bench: {method!r} runs at its default settings only; got ratio "
+                                 f"{ratio_label(ratio)} and options {sorted(options)}")
+            self.release()  # transformers' own cache, on the model as loaded
+            return quantized_cache(self.model, nbits=BASELINES[method])
         if ratio == DEFAULT_SETTINGS:
             if "remainder" in inspect.signature(_factory(method)).parameters:
                 options["remainder"] = "last_group"  # any layer count, not only a multiple of the group
@@ -118,10 +210,11 @@ class MethodBuilder:
         why = self.unusable(method)
         if why:
             raise ValueError(f"compresskv bench: {method!r} {why}")
-        if method == "pca":
-            return make_cache(self.model, "pca", projections=self._pca(), compression_ratio=ratio, **options)
-        if method == "matryoshka":
-            return make_cache(self.model, "matryoshka", projections=self._trained(), compression_ratio=ratio, **options)
+        parts = method.split("+")
+        if "pca" in parts:  # "pca" or a composition with a PCA stage
+            return make_cache(self.model, method, projections=self._pca(), compression_ratio=ratio, **options)
+        if "matryoshka" in parts:
+            return make_cache(self.model, method, projections=self._trained(), compression_ratio=ratio, **options)
         if method == "elitekv":
             return make_cache(
                 self.model, "elitekv", compression_ratio=ratio, ranking=self._ranking(),

@@ -12,6 +12,10 @@ Two kinds of panel, side by side:
 
 A method run at its default settings appears on every panel at the fraction it removed, and is
 labelled there, since no asked ratio explains its position. Needs matplotlib (imported on use).
+
+``compresskv bench --frontier`` adds a figure of its own (:func:`plot_frontier`): the needle-task
+average against the measured bytes on a log axis, every (method, ratio) row a labelled point, the
+Pareto front (:func:`compresskv.eval.frontier.pareto_front`) a step line.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .methods import DEFAULT_SETTINGS
+from .methods import DEFAULT_SETTINGS, ratio_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -244,6 +248,59 @@ def plot(table: Sequence[dict[str, Any]], tasks: Sequence[str], path: Path, titl
     fig = figure(table, tasks, title)
     import matplotlib.pyplot as plt
 
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(table: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Draw the quality-per-byte figure of :func:`~compresskv.eval.aggregate`'s entries as a PNG at
+    ``path`` (returned): the needle-task average against the cache bytes measured against
+    ``DynamicCache`` (log scale), one labelled marker per (method, ratio) row, the Pareto front as a
+    step line and the byte targets of :data:`compresskv.eval.frontier.TARGETS` as dotted lines.
+    Needs matplotlib (``pip install 'compresskv[bench]'``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import NullFormatter
+
+    from .bench import FULL
+    from .frontier import TARGETS, fraction_label, pareto_front
+
+    rows = [e for e in table if e.get("avg") is not None and e.get("bytes_vs_full")]
+    methods = list(dict.fromkeys(e["method"] for e in rows if e["method"] != FULL))
+    fig, ax = plt.subplots(figsize=(9.0, 5.6))
+    for i, method in enumerate(methods):
+        pts = sorted((e["bytes_vs_full"], e["avg"], e["ratio"]) for e in rows if e["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="none", marker=MARKERS[i % len(MARKERS)],
+                color=f"C{i % 10}", markerfacecolor="none", markeredgewidth=1.4, markersize=7, label=method)
+        for x, y, ratio in pts:
+            ax.annotate(f"{method} {ratio_label(ratio)}", (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=6, color=f"C{i % 10}")
+    full = next((e for e in rows if e["method"] == FULL), None)
+    if full is not None:
+        ax.plot([full["bytes_vs_full"]], [full["avg"]], marker="o", color="black", linestyle="none", label=FULL_LABEL)
+    front = pareto_front(rows)
+    if front:  # the best score reachable with at most x bytes: flat until the next front point
+        ax.step([e["bytes_vs_full"] for e in front], [e["avg"] for e in front], where="post", color="0.25",
+                linewidth=1.2, alpha=0.8, label="Pareto front", zorder=1)
+    for target in TARGETS:
+        ax.axvline(target, color="0.6", linestyle=":", linewidth=0.9, zorder=0)
+    ax.set_xscale("log")
+    ticks = sorted({*TARGETS, 0.5, 1.0})
+    ax.set_xticks(ticks, [fraction_label(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())  # only the fractions named above
+    ax.set_xlabel("cache bytes vs DynamicCache (measured, log scale)")
+    ax.set_ylabel("needle-task average (0-100)")
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_title(title or "quality per byte", fontsize=10)
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
