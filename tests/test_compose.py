@@ -248,3 +248,19 @@ def test_options_and_registry():
     assert {"compression_ratio", "token_ratio", "rank", "projections", "group_size", "residual", "kernel_size"} <= set(options)
     assert "decode_budget" not in options
     assert set(compresskv.method_options("int4")) == {"group_size", "residual"}
+
+
+def test_padding_does_not_widen_a_key_group_range():
+    """A padding slot's key (never read) is left out of its group's range: the real tokens'
+    keys come back as precisely as without it."""
+    x = torch.randn(1, 2, 32, 8)
+    spec = QuantSpec(4, 32, per_channel=True)
+    valid = torch.ones(1, 2, 32, dtype=torch.bool)
+    valid[..., :3] = False
+    padded = x.clone()
+    padded[..., :3, :] = 1000.0  # padding keys far outside the real ones
+    masked = dequantize(*quantize(padded, spec, valid), spec, 8, torch.float32)
+    unmasked = dequantize(*quantize(padded, spec), spec, 8, torch.float32)
+    error = lambda back: (back[..., 3:, :] - x[..., 3:, :]).abs().max()  # noqa: E731
+    assert error(masked) < 0.2 * error(unmasked)
+    assert masked.isfinite().all()

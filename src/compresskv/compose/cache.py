@@ -62,13 +62,13 @@ class ComposedLayer(EvictionLayer):
             self.factors = LayerFactors(cache.projections, self.layer_idx, ranks, ranks, self.dtype, self.device)
 
     # -- encoding --------------------------------------------------------------------------------
-    def _encode(self, x: torch.Tensor, kind: str) -> list[torch.Tensor]:
+    def _encode(self, x: torch.Tensor, kind: str, valid: torch.Tensor | None) -> list[torch.Tensor]:
         f = self.factors
         if f is not None:
             mu, groups = (f.mu_k4, f.k_groups) if kind == "k" else (f.mu_v4, f.v_groups)
             x = ProjectedLayer._project(x - mu, groups)[0]
         spec = self.cache.specs[kind]
-        return list(quantize(x, spec)) if spec is not None else [x]
+        return list(quantize(x, spec, valid)) if spec is not None else [x]
 
     def _decode(self, enc: list[torch.Tensor], kind: str) -> torch.Tensor:
         f, spec = self.factors, self.cache.specs[kind]
@@ -89,7 +89,9 @@ class ComposedLayer(EvictionLayer):
         m = (n - cache.residual) // cache.group_size * cache.group_size
         if m <= 0:
             return
-        new_k, new_v = self._encode(self.keys[..., :m, :], "k"), self._encode(self.values[..., :m, :], "v")
+        valid = None if self.valid is None else self.valid[..., self.n_enc : self.n_enc + m]
+        new_k = self._encode(self.keys[..., :m, :], "k", valid)
+        new_v = self._encode(self.values[..., :m, :], "v", valid)
         if self.n_enc:
             new_k = [torch.cat([old, new], dim=-2) for old, new in zip(self.k_enc, new_k)]
             new_v = [torch.cat([old, new], dim=-2) for old, new in zip(self.v_enc, new_v)]

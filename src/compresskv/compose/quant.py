@@ -65,10 +65,12 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return both.flatten(-2)[..., :n]
 
 
-def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, spec: QuantSpec, valid: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(codes, scale, zero)`` of ``x`` (``[batch, heads, tokens, channels]``). Per channel, the
-    tokens must be a multiple of ``spec.group``; scale and zero are ``[b, h, tokens/group, channels]``.
-    Per token, they are ``[b, h, tokens, channels/group]``."""
+    tokens must be a multiple of ``spec.group``; scale and zero are ``[b, h, tokens/group, channels]``,
+    and the range of a group spans its ``valid`` tokens only (``[b, h, tokens]``; padding and filler,
+    never read, must not widen it). Per token, they are ``[b, h, tokens, channels/group]``."""
     b, h, t, c = x.shape
     levels = (1 << spec.bits) - 1
     xf = x.float()
@@ -76,7 +78,14 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
         if t % spec.group:
             raise ValueError(f"quantize: {t} tokens is not a multiple of the key group size {spec.group}")
         grouped = xf.view(b, h, t // spec.group, spec.group, c)
-        lo, hi = grouped.amin(dim=3), grouped.amax(dim=3)
+        if valid is None:
+            lo, hi = grouped.amin(dim=3), grouped.amax(dim=3)
+        else:
+            real = valid.view(b, h, t // spec.group, spec.group, 1)
+            lo = grouped.masked_fill(~real, float("inf")).amin(dim=3)
+            hi = grouped.masked_fill(~real, float("-inf")).amax(dim=3)
+            empty = torch.isinf(lo)  # a group of padding only: any finite range
+            lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
         expand = (lambda s: s[:, :, :, None, :])  # noqa: E731 - one broadcast, used twice
     else:
         g = spec.channel_group(c)
