@@ -245,7 +245,11 @@ def plot(table: Sequence[dict[str, Any]], tasks: Sequence[str], path: Path, titl
     decode speed by the cache bytes measurably saved against ``DynamicCache``. Methods at one ratio
     are spread a little sideways, and a method run at its default settings is labelled. Needs
     matplotlib (``pip install 'compresskv[bench]'``)."""
-    fig = figure(table, tasks, title)
+    return _save(figure(table, tasks, title), path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders made) and free it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
@@ -301,11 +305,7 @@ def plot_frontier(table: Sequence[dict[str, Any]], path: Path, title: str = "") 
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_title(title or "quality per byte", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_allocation(allocations: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
@@ -347,8 +347,4 @@ def plot_allocation(allocations: Sequence[dict[str, Any]], path: Path, title: st
     ax.legend(fontsize=8)
     ax.set_title(title or "EliteKV: perplexity vs rotated pairs, training-free", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
