@@ -18,6 +18,8 @@ _EXPORTS = {
     "plot": "plots",
     "run_bench": "bench",
     "table_markdown": "bench",
+    "frontier_picks": "frontier",
+    "pareto_front": "frontier",
     "PeakMemory": "measure",
     "cache_nbytes": "measure",
     "run_task": "measure",
@@ -46,6 +48,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:  # what static tools see
     from .bench import BenchConfig, aggregate, run_bench, table_markdown
+    from .frontier import frontier_picks, pareto_front
     from .measure import PeakMemory, cache_nbytes, run_task
     from .machine import machine_info
     from .longbench import (LongBenchTask, available_longbench_tasks, load_longbench, longbench_score,
@@ -72,6 +75,7 @@ __all__ = [
     "available_tasks",
     "cache_nbytes",
     "dynamic_cache_nbytes",
+    "frontier_picks",
     "load_longbench",
     "load_text",
     "longbench_score",
@@ -80,6 +84,7 @@ __all__ = [
     "make_needle_task",
     "make_perplexity_task",
     "make_task",
+    "pareto_front",
     "plot",
     "run_bench",
     "run_needle",
