@@ -89,7 +89,7 @@ PROJECTED = ("matryoshka", "pca")
 #: methods whose options set the bytes ratio exactly (up to rounding and small per-layer factors)
 EXACT_RATIO = EVICTION + PROJECTED + ("xkv", "svd", "elitekv")
 #: KIVI quantization alone: the most it removes in 16 bits (codes plus a 16-bit scale and zero per 32)
-QUANTIZED_MAX_RATIO = {"int4": 16 / 5, "int8": 16 / 9}
+QUANTIZED_MAX_RATIO = {"int2": 16 / 3, "int4": 16 / 5, "int8": 16 / 9}
 MINICACHE_MAX_RATIO = 2.0
 TARGET_SPEEDUP = 1.5
 TARGET_CONTEXT = 32768

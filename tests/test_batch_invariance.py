@@ -51,6 +51,7 @@ SETTINGS: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]]] = {
     "svd-ratio": ("svd", lambda m: dict(compression_ratio=0.5)),
     "minicache": ("minicache", lambda m: dict(start_layer=0)),
     "elitekv": ("elitekv", lambda m: {}),
+    "int2": ("int2", lambda m: dict(residual=8, group_size=8)),
     "int4": ("int4", lambda m: dict(residual=8, group_size=8)),
     "int8": ("int8", lambda m: dict(residual=8, group_size=8)),
     "snapkv-int4": ("snapkv+int4", lambda m: dict(compression_ratio=0.75, residual=8, group_size=8, window_size=8)),
@@ -59,7 +60,7 @@ SETTINGS: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]]] = {
 #: left-padded row is grouped differently batched and alone: its logits then agree to the
 #: quantization noise (relative to the largest logit), not exactly. The first token, from prefill
 #: attention on the full keys, is exact.
-QUANTIZED_NOISE = {"int4": 0.1, "int8": 0.01, "snapkv+int4": 0.1}
+QUANTIZED_NOISE = {"int2": 0.3, "int4": 0.1, "int8": 0.01, "snapkv+int4": 0.1}
 
 
 def test_every_registered_method_is_covered():

@@ -35,7 +35,7 @@ def _decode_logits(model, cache, ids: torch.Tensor, steps: int = 12) -> torch.Te
 
 
 # -- quantization ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_quantization_error_is_within_half_a_step(bits, per_channel):
     x = torch.randn(2, 3, 64, 32) * torch.linspace(0.1, 10, 32)  # outlier channels, as keys have
@@ -63,12 +63,14 @@ def test_per_channel_keys_beat_per_token_on_outlier_channels():
     assert errors[True] < 0.2 * errors[False]
 
 
-@pytest.mark.parametrize("n", [1, 7, 8])
-def test_int4_packing_round_trips(n):
-    codes = torch.randint(0, 16, (3, n), dtype=torch.uint8)
-    packed = pack(codes, 4)
-    assert packed.shape[-1] == (n + 1) // 2
-    assert torch.equal(unpack(packed, 4, n), codes)
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("n", [1, 7, 8, 13])
+def test_packing_round_trips(n, bits):
+    codes = torch.randint(0, 1 << bits, (3, n), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    per = 8 // bits
+    assert packed.shape[-1] == (n + per - 1) // per
+    assert torch.equal(unpack(packed, bits, n), codes)
 
 
 # -- exactness ---------------------------------------------------------------------------------
@@ -142,21 +144,22 @@ def test_nbytes_is_the_product_formula(method, extra):
     assert cache.stats().ratio < 1.0
 
 
-def test_int4_holds_a_quarter_of_int8_codes_and_less_than_dynamic_cache():
+def test_int2_int4_int8_hold_their_bits_and_less_than_dynamic_cache():
     model = tiny_model("llama", "sdpa", head_dim=64)
     sizes = {}
-    for method in ("int4", "int8"):
+    for method in ("int2", "int4", "int8"):
         cache = compresskv.make_cache(model, method, residual=0)
         with torch.no_grad():
             model(_ids(256), **kv(cache))
         sizes[method] = cache.nbytes()
         codes = cache.layers[0].k_enc[0]
-        assert codes.dtype == torch.uint8 and codes.shape[-1] == 64 * (4 if method == "int4" else 8) // 8
+        assert codes.dtype == torch.uint8 and codes.shape[-1] == 64 * int(method[3:]) // 8
     dynamic = DynamicCache(config=model.config)
     with torch.no_grad():
         model(_ids(256), **kv(dynamic))
     full = sum(tensor_bytes(layer.keys, layer.values) for layer in dynamic.layers)
-    # fp32 model: 8 (4) bits a code plus 16-bit scale and zero per 32 → 5/32 and 9/32 of the bytes
+    # fp32 model: 2/4/8 bits a code plus 16-bit scale and zero per 32 → 3/32, 5/32 and 9/32 of the bytes
+    assert sizes["int2"] == pytest.approx(full * 3 / 32, rel=1e-6)
     assert sizes["int4"] == pytest.approx(full * 5 / 32, rel=1e-6)
     assert sizes["int8"] == pytest.approx(full * 9 / 32, rel=1e-6)
 
@@ -182,10 +185,11 @@ def test_quantized_decoding_stays_close_and_int8_is_closer():
     ids = _ids(200)
     ref = _decode_logits(model, DynamicCache(config=model.config), ids, steps=40)
     err = {}
-    for method in ("int4", "int8"):
+    for method in ("int2", "int4", "int8"):
         got = _decode_logits(model, compresskv.make_cache(model, method, residual=16), ids, steps=40)
         err[method] = float((got - ref).abs().max())
-    assert 0 < err["int8"] < err["int4"] < 0.1 * float(ref.abs().max())
+    assert 0 < err["int8"] < err["int4"] < err["int2"]
+    assert err["int4"] < 0.1 * float(ref.abs().max())
 
 
 def test_batch_reorder_copy_and_left_padding():
@@ -200,7 +204,7 @@ def test_batch_reorder_copy_and_left_padding():
 
 
 # -- errors --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["int4+snapkv", "snapkv+snapkv", "snapkv+int2", "pca+int4+", "svd+int4", "pca"])
+@pytest.mark.parametrize("name", ["int4+snapkv", "snapkv+snapkv", "snapkv+int3", "pca+int4+", "svd+int4", "pca"])
 def test_bad_compositions_name_the_stages(name):
     with pytest.raises(ValueError, match="snapkv.*pca.*int4|not a composition|itself"):
         parse(name) if name != "pca" else compresskv.compose.composed("pca+")
@@ -243,7 +247,7 @@ def test_bounded_static_and_chunked_prefill_are_refused():
 
 
 def test_options_and_registry():
-    assert {"int4", "int8"} <= set(compresskv.available_methods())
+    assert {"int2", "int4", "int8"} <= set(compresskv.available_methods())
     options = compresskv.method_options("snapkv+pca+int4")
     assert {"compression_ratio", "token_ratio", "rank", "projections", "group_size", "residual", "kernel_size"} <= set(options)
     assert "decode_budget" not in options

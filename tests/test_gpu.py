@@ -88,6 +88,7 @@ NO_COMPRESSION: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]
     "minicache": ("minicache", lambda m: dict(start_layer=0, gamma=1.0)),
     "elitekv": ("elitekv", lambda m: {}),  # the model is converted with every pair and the full joint rank
     # quantization: every token within the full-precision residual
+    "int2": ("int2", lambda m: dict(residual=EVERYTHING)),
     "int4": ("int4", lambda m: dict(residual=EVERYTHING)),
     "int8": ("int8", lambda m: dict(residual=EVERYTHING)),
     "snapkv-int4": ("snapkv+int4", lambda m: dict(budget=EVERYTHING, window_size=8, residual=EVERYTHING)),
@@ -109,6 +110,7 @@ COMPRESSING: dict[str, tuple[str, Callable[[torch.nn.Module], dict[str, Any]]]] 
     "svd": ("svd", lambda m: dict(compression_ratio=0.5)),
     "minicache": ("minicache", lambda m: dict(start_layer=0)),
     "elitekv": ("elitekv", lambda m: {}),
+    "int2": ("int2", lambda m: dict(residual=8, group_size=8)),
     "int4": ("int4", lambda m: dict(residual=8, group_size=8)),
     "int8": ("int8", lambda m: dict(residual=8, group_size=8)),
     "snapkv-int4": ("snapkv+int4", lambda m: dict(compression_ratio=0.75, window_size=8, residual=8, group_size=8)),

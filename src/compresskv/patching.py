@@ -42,7 +42,7 @@ def _registry() -> dict[str, CacheFactory]:
         builtins = {"pyramidkv": PyramidKVCache, "snapkv": SnapKVCache, "knorm": KnormCache,
                     "streamingllm": StreamingLLMCache, "matryoshka": MatryoshkaKVCache, "pca": PCAKVCache,
                     "xkv": XKVCache, "svd": SVDCache, "minicache": MiniCache, "elitekv": elitekv.make_cache,
-                    "expected_attention": ExpectedAttentionCache, "int4": composed("int4"), "int8": composed("int8")}
+                    "expected_attention": ExpectedAttentionCache, **{name: composed(name) for name in ("int2", "int4", "int8")}}
         for name, factory in builtins.items():
             _METHODS.setdefault(name, factory)  # a method the user registered first keeps its factory
     return _METHODS

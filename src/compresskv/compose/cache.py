@@ -3,8 +3,8 @@
 A composition is named by its stages joined with ``+``, in this order: a token stage (an eviction
 method: ``snapkv``, ``pyramidkv``, ``streamingllm``, ``knorm``, ``expected_attention``), a channel
 stage (``pca`` or ``matryoshka``: per-KV-head orthogonal projections to ``rank`` columns), a bits
-stage (``int4`` or ``int8``: KIVI's group-wise quantization, :mod:`.quant`). ``snapkv+int4``,
-``pyramidkv+pca+int8``; ``int4`` and ``int8`` alone are the quantization stage by itself.
+stage (``int2``, ``int4`` or ``int8``: KIVI's group-wise quantization, :mod:`.quant`). ``snapkv+int4``,
+``pyramidkv+pca+int8``; ``int2``, ``int4`` and ``int8`` alone are the quantization stage by itself.
 
 A layer evicts right after prefill attention (which ran on the full keys and values, as for every
 compresskv cache), then stores what it kept *encoded*: projected to ``rank`` channels and/or
@@ -38,7 +38,7 @@ from .quant import BITS, QuantSpec, dequantize, quantize
 #: the stages of a composition, in the order they are named
 TOKEN_STAGES = ("snapkv", "pyramidkv", "streamingllm", "knorm", "expected_attention")
 CHANNEL_STAGES = ("pca", "matryoshka")
-BIT_STAGES = {"int4": 4, "int8": 8}
+BIT_STAGES = {"int2": 2, "int4": 4, "int8": 8}
 
 
 class ComposedLayer(EvictionLayer):
@@ -150,7 +150,7 @@ class ComposedLayer(EvictionLayer):
 
 class Composition(EvictionCache):
     """The stages after the token stage; mixed in before an eviction cache class by :func:`composed`
-    (the token stage is that class, or none for ``int4``/``int8`` alone)."""
+    (the token stage is that class, or none for ``int2``/``int4``/``int8`` alone)."""
 
     channel_stage: str | None = None
     bits: int | None = None
@@ -210,7 +210,7 @@ class Composition(EvictionCache):
                              "which this composition does not have.")
         if self.bits is None:  # nothing is grouped: every token is encoded as soon as its attention ran
             if group_size is not None or residual is not None:
-                raise ValueError(f"{who}: residual= and group_size= belong to a bits stage (+int4 or +int8), which this "
+                raise ValueError(f"{who}: residual= and group_size= belong to a bits stage (+int2, +int4 or +int8), which this "
                                  "composition does not have.")
             group_size, residual = 1, 0
         group_size = 32 if group_size is None else group_size  # KIVI's
@@ -261,7 +261,7 @@ class Composition(EvictionCache):
 
 
 class _KeepAll(EvictionCache):
-    """No token stage: every token is kept (``int4``/``int8`` alone)."""
+    """No token stage: every token is kept (``int2``/``int4``/``int8`` alone)."""
 
     method = "keep_all"
 

@@ -4,7 +4,7 @@ Keys are quantized **per channel**: each channel's min and max over a group of `
 consecutive tokens give its scale and zero point (keys have outlier channels, so one range per
 channel keeps the others precise). Values are quantized **per token**: each token's range over a
 group of ``group`` consecutive channels (values have no outlier channels, and attention mixes
-them per token). Codes are unsigned ``bits``-bit integers, packed two per byte at 4 bits; scales
+them per token). Codes are unsigned ``bits``-bit integers, packed ``8 // bits`` to a byte; scales
 and zero points are kept in 16 bits (the model's dtype when it is already 16-bit, else fp16).
 
 Tensors are ``[batch, heads, tokens, channels]``; every per-group tensor keeps tokens (or groups
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 #: the supported code widths
-BITS = (4, 8)
+BITS = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -48,21 +48,28 @@ class QuantSpec:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``uint8`` codes ``[..., n]`` stored in ``bits`` bits each (two per byte at 4 bits; an odd
-    ``n`` is padded with one zero code)."""
-    if bits == 8:
+    """``uint8`` codes ``[..., n]`` stored in ``bits`` bits each, ``8 // bits`` to a byte (``n`` padded
+    with zero codes to a whole byte)."""
+    per = 8 // bits
+    if per == 1:
         return codes
-    if codes.shape[-1] % 2:
-        codes = torch.nn.functional.pad(codes, (0, 1))
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    pad = -codes.shape[-1] % per
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    out = codes[..., 0::per].clone()
+    for i in range(1, per):
+        out |= codes[..., i::per] << (bits * i)
+    return out
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """The ``n`` codes per row that :func:`pack` stored."""
-    if bits == 8:
+    per = 8 // bits
+    if per == 1:
         return packed
-    both = torch.stack([packed & 0x0F, packed >> 4], dim=-1)
-    return both.flatten(-2)[..., :n]
+    mask = (1 << bits) - 1
+    parts = torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=-1)
+    return parts.flatten(-2)[..., :n]
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, valid: torch.Tensor | None = None
