@@ -24,7 +24,6 @@ or ``budget`` (tokens kept) sets the token stage directly instead.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -170,6 +169,25 @@ class Composition(EvictionCache):
         residual: int | None = None,
         **kwargs: Any,
     ) -> None:
+        """A composed cache (see :mod:`compresskv.compose.cache`).
+
+        Args:
+            model: the transformers model (its attention is switched to compresskv's).
+            compression_ratio: fraction of the cache's bytes removed, in [0, 1), split between the
+                stages: the token stage evicts what the channel and bits stages leave, per prompt.
+            token_ratio: instead, the fraction of prompt tokens the token stage evicts.
+            budget: instead, the tokens each layer keeps (window included).
+            projections: the channel stage's :class:`compresskv.Projections` (``compresskv.calibrate``
+                for ``pca``, ``compresskv.train_projections`` for ``matryoshka``).
+            rank: the channel stage's columns per KV head, in [1, head_dim] (default head_dim // 2).
+            group_size: the bits stage's tokens per key scale and channels per value scale (32).
+            residual: the bits stage's newest tokens kept at full precision (128).
+            **kwargs: the token method's own options (``window_size``, ``kernel_size``, ``sink``, ...).
+
+        Raises:
+            ValueError: a missing or contradictory budget, an option out of range (named), an option
+                of a stage the composition does not have, or ``decode_budget``/``decode_tokens``.
+        """
         who = f"{type(self).__name__} ({self.method})"
         for name in Composition.fixed_options:
             if kwargs.get(name) is not None:
@@ -319,15 +337,14 @@ def composed(name: str) -> type:
     if tokens is None and channels is not None:
         raise ValueError(f"compresskv: {name!r}: a channel stage alone is the method {channels!r} itself.")
     if tokens is None:
-        base: type = QuantizedKVCache
+        bases: tuple[type, ...] = (QuantizedKVCache,)
     else:
         from ..patching import _registry
 
-        base = _registry()[tokens]
-        base = type(f"Composed{base.__name__}", (Composition, base), {})
-    cls = type(base.__name__, (base,), {
+        bases = (Composition, _registry()[tokens])
+    cls = type("Composed_" + name.replace("+", "_"), bases, {
         "method": name, "channel_stage": channels, "bits": None if bits is None else BIT_STAGES[bits],
-        "__doc__": f"The composed cache {name!r}: " + (inspect.getdoc(Composition.__init__) or "see compresskv.compose."),
+        "__doc__": f"The composed cache {name!r}: stages {' → '.join(p for p in (tokens, channels, bits) if p)}.",
     })
     _CLASSES[name] = cls
     return cls
