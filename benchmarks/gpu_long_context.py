@@ -685,8 +685,9 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
                 options = method_options(method, ratio, projections, args)
                 base_row = dict(shape=shape_name, context=context, method=method, ratio=ratio)
                 if options is None:
-                    record({**base_row, "status": "unsupported",
-                            "detail": f"MiniCache merges layer pairs: at most about {MINICACHE_MAX_RATIO:g}x"})
+                    most = QUANTIZED_MAX_RATIO.get(method, MINICACHE_MAX_RATIO)
+                    why = "its codes and scales" if method in QUANTIZED_MAX_RATIO else "MiniCache merges layer pairs"
+                    record({**base_row, "status": "unsupported", "detail": f"{why}: at most about {most:.2g}x"})
                     continue
                 log(f"{shape_name} {context}: {method} {ratio:g}x")
                 row = guarded(lambda: run_config(model, lambda: compresskv.make_cache(model, method, **options),
