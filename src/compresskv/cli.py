@@ -86,12 +86,13 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _known(text: str, known: list[str], what: str) -> list[str]:
-    """``text`` as a comma-separated list of names from ``known`` (``what``: "method", "task")."""
+def _known(text: str, known: list[str], what: str, also: Any = None, hint: str = "") -> list[str]:
+    """``text`` as a comma-separated list of names from ``known`` (``what``: "method", "task"), or
+    names ``also(name)`` accepts (described by ``hint``)."""
     names = _listed(text, f"comma-separated {what} names from {', '.join(known)}")
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in known and not (also and also(n))]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}{hint}")
     return names
 
 
@@ -108,12 +109,10 @@ def _bench_methods(text: str) -> list[str]:
     from . import available_methods
     from .eval.methods import BASELINES, resolves
 
-    known = available_methods() + sorted(BASELINES)
-    names = available_methods() if text.strip() == "all" else _listed(text, f"method names from {', '.join(known)}")
-    if unknown := [n for n in names if n not in BASELINES and not resolves(n)]:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}, "
-                                         "or a composition joined by + (e.g. snapkv+int4, snapkv+pca+int4)")
-    return names
+    if text.strip() == "all":
+        return available_methods()
+    return _known(text, available_methods() + sorted(BASELINES), "method", also=resolves,
+                  hint=", or a composition joined by + (e.g. snapkv+int4, snapkv+pca+int4)")
 
 
 class _Given(argparse.Action):
