@@ -93,3 +93,64 @@ def test_take_tokens_is_gather(layout):
     index = torch.sort(torch.rand(t.shape[0], 3, 20, generator=g).argsort(-1)[..., :12], dim=-1).values
     want = t.gather(2, index[..., None].expand(-1, -1, -1, 8))
     assert torch.equal(ops.take_tokens(t, index), want)
+
+
+# -- one thread for a small decode-step read ----------------------------------------------------------
+def test_serial_when_small_runs_on_one_thread_and_puts_the_count_back(monkeypatch):
+    seen = []
+
+    def record(x):
+        seen.append(torch.get_num_threads())
+        return x
+
+    torch.set_num_threads(2)
+    small, large = ops.SERIAL_READ_BYTES, ops.SERIAL_READ_BYTES + 1
+    assert ops.serial_when_small(small, torch.device("cpu"), record, 5) == 5
+    ops.serial_when_small(large, torch.device("cpu"), record, 5)
+    ops.serial_when_small(small, torch.device("meta"), record, 5)  # not a CPU: the caller's count
+    assert seen == [1, 2, 2] and torch.get_num_threads() == 2
+
+    def fail():
+        raise RuntimeError("kernel refused")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        ops.serial_when_small(small, torch.device("cpu"), fail)
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("method", ["snapkv", "matryoshka"])
+def test_decode_steps_read_on_one_thread_with_the_same_tokens(monkeypatch, method):
+    """With two threads, every decode step's attention (SnapKV: the model's sdpa over the kept keys;
+    Matryoshka: the fused latent read) runs on one thread, the prompt's on both; tokens and logits
+    are those of the same run with the rule off (logits to rounding: kernels may block differently
+    by thread count)."""
+    from conftest import batch_inputs, greedy, tiny_model
+
+    import compresskv
+    from compresskv.projected import cache as projected_cache
+
+    torch.set_num_threads(2)
+    model = tiny_model("llama", "sdpa")
+    ids, mask = batch_inputs(2)
+    reads: list[tuple[int, int]] = []  # (query rows, threads) of each attention read
+    if method == "matryoshka":
+        calib = torch.randint(3, 96, (4, 48), generator=torch.Generator().manual_seed(2))
+        p = compresskv.calibrate(model, calib, seq_len=48, progress=False)
+        make = lambda: compresskv.MatryoshkaKVCache(model, p, rank=6)  # noqa: E731
+        module, name = projected_cache, "attention_with_lse"  # decode steps only: the prompt has nothing stored
+    else:
+        make = lambda: compresskv.SnapKVCache(model, compression_ratio=0.5)  # noqa: E731
+        module, name = torch.nn.functional, "scaled_dot_product_attention"
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda query, *a, **k: reads.append((query.shape[-2], torch.get_num_threads()))
+                        or real(query, *a, **k))
+    seq, logits = greedy(model, ids, mask, make())
+    # a decode step's rows: the 2 query heads of a KV head (the prompt's: its 48 tokens)
+    assert {t for rows, t in reads if rows == 2} == {1}
+    assert {t for rows, t in reads if rows != 2} <= {2}
+    monkeypatch.setattr(ops, "SERIAL_READ_BYTES", -1)
+    reads.clear()
+    ref_seq, ref_logits = greedy(model, ids, mask, make())
+    assert reads and {t for _, t in reads} == {2}
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)

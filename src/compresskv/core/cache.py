@@ -21,7 +21,7 @@ from . import attention as _attention
 from .attention import AttentionCall
 from .decode import DecodeStorage
 from .facts import full_attention_layers, mla_dims, model_dims, plain_layers, refuse_mla
-from .ops import take_tokens
+from .ops import serial_when_small, take_tokens
 from .storage import Storage, batch_fn, tensor_bytes
 
 
@@ -124,6 +124,9 @@ class KVLayer(Storage, DecodeStorage, CacheLayerMixin):
         plain = not call.kwargs.get("softcap") and call.kwargs.get("position_bias") is None
         if self.static and call.base == "sdpa" and call.query.shape[-2] == 1 and plain:
             return self.static_sdpa(call.query, call.key, call.value, call.scaling), None
+        if call.query.shape[-2] == 1:  # a decode step
+            return serial_when_small(call.key.nbytes + call.value.nbytes, call.key.device, fn, call.module, call.query,
+                                     call.key, call.value, call.mask, **call.kwargs)
         return fn(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
 
     def after_attention(self, call: AttentionCall) -> None:

@@ -48,7 +48,7 @@ import torch
 from ..core.attention import AttentionCall
 from ..core.cache import KVLayer, tensor_bytes
 from ..core.lse import attention_with_lse, merge_softmax
-from ..core.ops import small_matmul, small_softmax
+from ..core.ops import serial_when_small, small_matmul, small_softmax
 from .projections import Projections
 
 if TYPE_CHECKING:
@@ -311,7 +311,11 @@ class ProjectedLayer(KVLayer):
         parts, lses = [], []
         for kg, vg, zk, zv in zip(f.k_groups, f.v_groups, self.k_latent, self.v_latent):
             group_bias = None if bias is None else _select(bias, kg)[..., :stored]
-            found = attention_with_lse(small_matmul(_select(qs, kg), kg.proj), zk, zv, group_bias, 1.0)
+            query = small_matmul(_select(qs, kg), kg.proj)
+            if call.query.shape[-2] == 1:  # a decode step
+                found = serial_when_small(zk.nbytes + zv.nbytes, zk.device, attention_with_lse, query, zk, zv, group_bias, 1.0)
+            else:
+                found = attention_with_lse(query, zk, zv, group_bias, 1.0)
             if found is None:
                 return None
             out, lse = found
