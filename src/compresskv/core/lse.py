@@ -154,8 +154,7 @@ def merge_softmax(
     if tail_logits.shape[-1] == 1:  # one new token (a decode step): the prefix's share is a sigmoid
         # (-inf - -inf, a row with every key masked, is NaN: counted as 0, equal shares)
         share = torch.sigmoid((prefix_lse.float().unsqueeze(-1) - tail_logits.float()).nan_to_num_(0.0))
-        tail = tail_values.float()
-        return tail + share * (prefix_out.float() - tail)
+        return torch.lerp(tail_values.float(), prefix_out.float(), share)  # tail + share·(prefix − tail)
     # one softmax over [prefix log-sum-exp, tail logits]: its first weight is the prefix's share
     # (-inf raised to finfo.min: a row with every key masked gets finite weights, not NaN)
     logits = torch.cat([prefix_lse.float().unsqueeze(-1), tail_logits.float()], dim=-1)
