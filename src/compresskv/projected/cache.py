@@ -121,7 +121,9 @@ class ProjectedLayer(KVLayer):
     #: path's two GEMMs measured 15-25% faster than the CPU flash kernel at rank 16 and on par at
     #: rank 32 (2k-16k tokens, batch 1-8); with more, each of them (and its softmax) is a parallel
     #: region that wakes the thread pool (:mod:`compresskv.core.ops`), the flash kernel one, and the
-    #: fused read measured faster (1k tokens, 2 threads, ``benchmarks/results/decode_pca.md``).
+    #: fused read measured faster (1k tokens, 2 threads, ``benchmarks/results/decode_pca.md``); a
+    #: decode step's fused read of at most 2 MiB then runs on one thread
+    #: (:func:`compresskv.core.ops.serial_when_small`).
     fused_cpu_threads: int = 2
     storage = ("k_latent", "v_latent", "sink_index", "sink_k", "sink_v")
 
@@ -357,7 +359,9 @@ class ProjectedLayer(KVLayer):
         p_old, p_new = probs[..., :stored], probs[..., stored:]
 
         parts = [small_matmul(torch.matmul(_select(p_old, g), z), g.proj.mT) for g, z in zip(f.v_groups, self.v_latent)]
-        out = _assemble(parts, f.v_inverse) + small_matmul(p_new, self._new[3])
+        out = _assemble(parts, f.v_inverse)
+        # one new token (a decode step): its weight times its value, broadcast over the rows, in one kernel
+        out = torch.addcmul(out, p_new, self._new[3]) if p_new.shape[-1] == 1 else out + small_matmul(p_new, self._new[3])
         if self.sink_v is not None:  # their values at full precision: add what the projection lost
             error = self.sink_v - self._sink_reconstruction("v")
             out = out + torch.matmul(p_old.gather(-1, sink_at), error)
