@@ -105,16 +105,18 @@ def test_serial_when_small_runs_on_one_thread_and_puts_the_count_back(monkeypatc
 
     torch.set_num_threads(2)
     small, large = ops.SERIAL_READ_BYTES, ops.SERIAL_READ_BYTES + 1
-    assert ops.serial_when_small(small, torch.device("cpu"), record, 5) == 5
-    ops.serial_when_small(large, torch.device("cpu"), record, 5)
-    ops.serial_when_small(small, torch.device("meta"), record, 5)  # not a CPU: the caller's count
-    assert seen == [1, 2, 2] and torch.get_num_threads() == 2
+    cpu = torch.device("cpu")
+    assert ops.serial_when_small(1, small, cpu, record, 5) == 5
+    ops.serial_when_small(1, large, cpu, record, 5)
+    ops.serial_when_small(4, small, cpu, record, 5)  # a prompt or chunk: its query blocks use the threads
+    ops.serial_when_small(1, small, torch.device("meta"), record, 5)  # not a CPU: the caller's count
+    assert seen == [1, 2, 2, 2] and torch.get_num_threads() == 2
 
     def fail():
         raise RuntimeError("kernel refused")
 
     with pytest.raises(RuntimeError, match="refused"):
-        ops.serial_when_small(small, torch.device("cpu"), fail)
+        ops.serial_when_small(1, small, cpu, fail)
     assert torch.get_num_threads() == 2
 
 

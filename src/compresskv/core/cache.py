@@ -124,10 +124,8 @@ class KVLayer(Storage, DecodeStorage, CacheLayerMixin):
         plain = not call.kwargs.get("softcap") and call.kwargs.get("position_bias") is None
         if self.static and call.base == "sdpa" and call.query.shape[-2] == 1 and plain:
             return self.static_sdpa(call.query, call.key, call.value, call.scaling), None
-        if call.query.shape[-2] == 1:  # a decode step
-            return serial_when_small(call.key.nbytes + call.value.nbytes, call.key.device, fn, call.module, call.query,
-                                     call.key, call.value, call.mask, **call.kwargs)
-        return fn(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
+        return serial_when_small(call.query.shape[-2], call.key.nbytes + call.value.nbytes, call.key.device,
+                                 fn, call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
 
     def after_attention(self, call: AttentionCall) -> None:
         """Called by compresskv's attention once this layer's attention has run: records the new

@@ -73,10 +73,11 @@ def take_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.index_select(0, (index + heads).flatten()).view(b, h, index.shape[-1], d)
 
 
-def serial_when_small(read_bytes: int, device: torch.device, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)`` (one decode step's attention) with one torch thread when it reads at
-    most :data:`SERIAL_READ_BYTES` on CPU; callers pass prefill and chunks, whose query blocks are
-    worth the threads, to ``fn`` directly.
+def serial_when_small(query_len: int, read_bytes: int, device: torch.device, fn: Callable[..., T], *args: Any,
+                      **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, an attention call of ``query_len`` new tokens reading ``read_bytes``
+    of stored keys and values; with one torch thread when it is a decode step (one token: a prompt
+    or chunk has query blocks worth the threads) that reads at most :data:`SERIAL_READ_BYTES` on CPU.
 
     The fused attention kernels split their work by (batch, head, query block): a decode step of a
     small model has a few such items, and waking the thread pool for them costs more than splitting
@@ -88,7 +89,7 @@ def serial_when_small(read_bytes: int, device: torch.device, fn: Callable[..., T
     ops meanwhile runs them on one thread too.)
     """
     threads = torch.get_num_threads()
-    if (threads == 1 or device.type != "cpu" or read_bytes > SERIAL_READ_BYTES
+    if (query_len != 1 or threads == 1 or device.type != "cpu" or read_bytes > SERIAL_READ_BYTES
             or torch.compiler.is_compiling()):
         return fn(*args, **kwargs)
     torch.set_num_threads(1)

@@ -313,11 +313,8 @@ class ProjectedLayer(KVLayer):
         parts, lses = [], []
         for kg, vg, zk, zv in zip(f.k_groups, f.v_groups, self.k_latent, self.v_latent):
             group_bias = None if bias is None else _select(bias, kg)[..., :stored]
-            query = small_matmul(_select(qs, kg), kg.proj)
-            if call.query.shape[-2] == 1:  # a decode step
-                found = serial_when_small(zk.nbytes + zv.nbytes, zk.device, attention_with_lse, query, zk, zv, group_bias, 1.0)
-            else:
-                found = attention_with_lse(query, zk, zv, group_bias, 1.0)
+            found = serial_when_small(call.query.shape[-2], zk.nbytes + zv.nbytes, zk.device, attention_with_lse,
+                                      small_matmul(_select(qs, kg), kg.proj), zk, zv, group_bias, 1.0)
             if found is None:
                 return None
             out, lse = found
