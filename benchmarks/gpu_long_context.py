@@ -88,9 +88,13 @@ EVICTION = ("snapkv", "pyramidkv", "streamingllm", "knorm", "expected_attention"
 PROJECTED = ("matryoshka", "pca")
 #: methods whose options set the bytes ratio exactly (up to rounding and small per-layer factors)
 EXACT_RATIO = EVICTION + PROJECTED + ("xkv", "svd", "elitekv")
-#: KIVI quantization alone: the most it removes in 16 bits (codes plus a 16-bit scale and zero per 32)
-QUANTIZED_MAX_RATIO = {"int2": 16 / 3, "int4": 16 / 5, "int8": 16 / 9}
-MINICACHE_MAX_RATIO = 2.0
+#: methods whose saving is fixed: the most they remove (x) and why. MiniCache with every layer pair
+#: merged keeps a little over half the bytes; KIVI quantization alone keeps, of 16 bits, its codes
+#: plus a 16-bit scale and zero per 32 elements (bits + 1).
+FIXED_SAVING = {
+    "minicache": (2.0, "MiniCache merges layer pairs"),
+    **{f"int{bits}": (16 / (bits + 1), "its codes and scales") for bits in (2, 4, 8)},
+}
 TARGET_SPEEDUP = 1.5
 TARGET_CONTEXT = 32768
 TARGET_RATIO = 4.0
@@ -325,6 +329,8 @@ def run_config(model: Any, make_cache: Callable[[], Any], context: int, args: ar
 # -- the methods -----------------------------------------------------------------------------------
 def method_options(method: str, ratio: float, projections: Any, args: argparse.Namespace) -> dict[str, Any] | None:
     """``make_cache`` options of ``method`` at ``ratio``x (``None``: the method cannot reach it)."""
+    if method in FIXED_SAVING and ratio > FIXED_SAVING[method][0]:
+        return None
     removed = 1.0 - 1.0 / ratio  # kvpress convention: the fraction of the cache removed
     if method in EVICTION:
         return {"compression_ratio": removed}
@@ -335,12 +341,11 @@ def method_options(method: str, ratio: float, projections: Any, args: argparse.N
     if method == "svd":
         return {"compression_ratio": removed, "svd_solver": args.svd_solver}
     if method == "minicache":
-        # Every layer pair merged: a little over half the bytes, the most MiniCache can remove.
-        return {"start_layer": 0} if ratio <= MINICACHE_MAX_RATIO else None
+        return {"start_layer": 0}  # every layer pair merged
     if method == "elitekv":
         return {"compression_ratio": removed, "selection": "uniform", "keep_original": True, "progress": False}
-    if method in QUANTIZED_MAX_RATIO:
-        return {} if ratio <= QUANTIZED_MAX_RATIO[method] else None
+    if method in FIXED_SAVING:  # the quantizers
+        return {}
     raise ValueError(f"gpu_long_context: no options known for method {method!r}")
 
 
@@ -685,8 +690,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
                 options = method_options(method, ratio, projections, args)
                 base_row = dict(shape=shape_name, context=context, method=method, ratio=ratio)
                 if options is None:
-                    most = QUANTIZED_MAX_RATIO.get(method, MINICACHE_MAX_RATIO)
-                    why = "its codes and scales" if method in QUANTIZED_MAX_RATIO else "MiniCache merges layer pairs"
+                    most, why = FIXED_SAVING[method]
                     record({**base_row, "status": "unsupported", "detail": f"{why}: at most about {most:.2g}x"})
                     continue
                 log(f"{shape_name} {context}: {method} {ratio:g}x")

@@ -356,9 +356,7 @@ class ProjectedLayer(KVLayer):
         p_old, p_new = probs[..., :stored], probs[..., stored:]
 
         parts = [small_matmul(torch.matmul(_select(p_old, g), z), g.proj.mT) for g, z in zip(f.v_groups, self.v_latent)]
-        out = _assemble(parts, f.v_inverse)
-        # one new token (a decode step): its weight times its value, broadcast over the rows, in one kernel
-        out = torch.addcmul(out, p_new, self._new[3]) if p_new.shape[-1] == 1 else out + small_matmul(p_new, self._new[3])
+        out = _assemble(parts, f.v_inverse) + small_matmul(p_new, self._new[3])
         if self.sink_v is not None:  # their values at full precision: add what the projection lost
             error = self.sink_v - self._sink_reconstruction("v")
             out = out + torch.matmul(p_old.gather(-1, sink_at), error)
