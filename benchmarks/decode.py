@@ -11,16 +11,21 @@ For each context length (``--contexts``) and thread count (``--threads``), one i
 One measurement: a prompt of ``L`` real-text tokens is prefilled once per configuration (eagerly,
 with every thread), and each measurement decodes from a copy of that prefilled cache
 (``copy.deepcopy``): ``--warmup`` untimed greedy steps, then ``--steps`` timed single-token
-forwards with explicit positions (the loop ``generate`` runs, without its sampling machinery);
-ms/token is the median step. Compiled variants are compiled (``fullgraph=True, dynamic=False``)
-before the timed rounds, once per thread count (inductor's CPU kernels keep the thread count they
-were built for), and must give the eager variant's tokens (the ``same tokens`` column).
+forwards with explicit positions (the loop ``generate`` runs, without its sampling machinery).
+Compiled variants are compiled (``fullgraph=True, dynamic=False``) before the timed rounds, once
+per thread count (inductor's CPU kernels keep the thread count they were built for), and must give
+the eager variant's tokens (the ``same tokens`` column).
 
-Interleaving: every round runs DynamicCache, then every configuration (order rotated by one each
-round), then DynamicCache again; a configuration's ratio in a round is its tokens/s over the mean of
-that round's two DynamicCache runs, and the table reports the median over ``--rounds``. Results go
-to ``<out>.json`` / ``<out>.md`` after every (context, threads) cell; a cell already there is
-skipped unless ``--force``, so an interrupted run continues where it stopped.
+Interleaving, step by step: a configuration decodes in lockstep with a DynamicCache decoding from
+its own copy of the same prompt, one step of each in turn (which of the two goes first alternates),
+so both see the machine as it is within a tenth of a second; its ratio is the median over the
+steps of DynamicCache's step time over its own. (Whole runs interleaved, as this script did
+before, left the ratios at ±25% round to round on a shared machine, where the load of other tenants
+changes over seconds.) Every round does this for every configuration, in an order rotated by one
+each round; the table reports the median over all ``--rounds`` x ``--steps`` pairs, the range of
+the rounds' medians, and ms/token as the median step. Results go to ``<out>.json`` /
+``<out>.md`` after every (context, threads) cell; a cell already there is skipped unless
+``--force``, so an interrupted run continues where it stopped.
 
 ``benchmarks/decode_speed.py`` measures through ``generate`` and runs against two source trees
 (before/after a change); this script is the method x context x threads x compile matrix of #19.
@@ -35,6 +40,7 @@ import argparse
 import copy
 import datetime
 import inspect
+import itertools
 import json
 import os
 import shlex
@@ -42,7 +48,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the compresskv command (benchmarks/threads.md)
 
@@ -96,24 +102,45 @@ def _sync(device: torch.device) -> None:
 
 
 # -- one measurement -------------------------------------------------------------------------------
-def decode(forward: Any, cache: Any, token: torch.Tensor, start: int, warmup: int, steps: int) -> tuple[float, list[int]]:
-    """Median seconds per greedy single-token step (after ``warmup`` untimed ones) and the tokens."""
+def stepper(forward: Any, cache: Any, token: torch.Tensor, start: int, before: Any = None) -> Iterator[tuple[float, int]]:
+    """Greedy single-token steps from ``token`` at position ``start``: yields each step's seconds
+    and token, endlessly; ``before()`` runs ahead of each step, untimed."""
     use_cache_position = "cache_position" in inspect.signature(getattr(forward, "forward", forward)).parameters
-    times, tokens = [], []
     device = token.device
-    with torch.no_grad():
-        for i in range(warmup + steps):
-            extra = {"cache_position": torch.tensor([start + i], device=device)} if use_cache_position else {}
-            _sync(device)
-            began = time.perf_counter()
+    for i in itertools.count():
+        if before is not None:
+            before()
+        extra = {"cache_position": torch.tensor([start + i], device=device)} if use_cache_position else {}
+        _sync(device)
+        began = time.perf_counter()
+        with torch.no_grad():  # per step: a context held across a yield would leak into the caller's
             out = forward(input_ids=token, position_ids=torch.tensor([[start + i]], device=device), use_cache=True,
                           **compat.cache_kwargs(cache), **extra)
-            token = out.logits[:, -1:].argmax(-1)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - began)
-            tokens.append(int(token))
-    return statistics.median(times), tokens
+        token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        yield time.perf_counter() - began, int(token)
+
+
+def decode(forward: Any, cache: Any, token: torch.Tensor, start: int, warmup: int, steps: int) -> tuple[float, list[int]]:
+    """Median seconds per greedy single-token step (after ``warmup`` untimed ones) and the tokens."""
+    done = list(itertools.islice(stepper(forward, cache, token, start), warmup + steps))
+    return statistics.median(t for t, _ in done[warmup:]), [tok for _, tok in done]
+
+
+def lockstep(a: Any, b: Any, warmup: int, steps: int) -> tuple[list[float], list[float], list[int]]:
+    """Two :func:`stepper` runs one step each in turn (``a`` first on even steps, ``b`` on odd):
+    the timed steps' seconds of each and ``b``'s tokens (the warm-up steps' too)."""
+    times_a, times_b, tokens = [], [], []
+    for i in range(warmup + steps):
+        if i % 2:
+            (tb, token), (ta, _) = next(b), next(a)
+        else:
+            (ta, _), (tb, token) = next(a), next(b)
+        tokens.append(token)
+        if i >= warmup:
+            times_a.append(ta)
+            times_b.append(tb)
+    return times_a, times_b, tokens
 
 
 class Config:
@@ -154,6 +181,12 @@ class Config:
         self.attention(model)
         return decode(compiled if self.compiled else model, cache, self.first, length, args.warmup, args.steps)
 
+    def steps(self, model: Any, compiled: Any, length: int) -> Iterator[tuple[float, int]]:
+        """:func:`stepper` from a copy of the prefilled cache, on this row's attention every step (the
+        row it runs in lockstep with may switch it)."""
+        return stepper(compiled if self.compiled else model, copy.deepcopy(self.prefilled), self.first, length,
+                       lambda: self.attention(model))
+
 
 def configs(model: Any, builder: MethodBuilder, args: argparse.Namespace, length: int) -> tuple[list[Config], dict[str, str]]:
     room = args.warmup + args.steps + 8
@@ -193,36 +226,34 @@ def run_cell(model: Any, rows: list[Config], base: Config, length: int, threads:
         log(f"  warm {row.key}: {time.perf_counter() - began:.1f}s")
     measurements: list[dict[str, Any]] = []
     for r in range(args.rounds):
-        order = rows[r % len(rows):] + rows[: r % len(rows)]
-        for row in [base, *order, base]:
-            seconds, tokens = row.measure(model, compiled, length, args)
-            measurements.append({"round": r, "config": row.key, "ms_per_token": seconds * 1000, "tokens": tokens})
+        for row in rows[r % len(rows):] + rows[: r % len(rows)]:
+            base_s, row_s, tokens = lockstep(base.steps(model, compiled, length), row.steps(model, compiled, length),
+                                             args.warmup, args.steps)
+            measurements.append({"round": r, "config": row.key, "steps_ms": [t * 1000 for t in row_s],
+                                 "dynamic_steps_ms": [t * 1000 for t in base_s], "tokens": tokens})
         log(f"  round {r + 1}/{args.rounds} done")
     table = []
     for row in [base, *rows]:
-        ratios, speeds, toks = [], [], None
-        for r in range(args.rounds):
-            mine = [m for m in measurements if m["round"] == r and m["config"] == row.key]
-            bases = [m for m in measurements if m["round"] == r and m["config"] == base.key]
-            base_speed = statistics.mean(1000 / m["ms_per_token"] for m in bases)
-            speed = statistics.mean(1000 / m["ms_per_token"] for m in mine)
-            ratios.append(speed / base_speed)
-            speeds.append(speed)
-            toks = mine[0]["tokens"]
+        mine = [m for m in measurements if m["config"] == row.key] or [
+            {"round": m["round"], "steps_ms": m["dynamic_steps_ms"], "dynamic_steps_ms": m["dynamic_steps_ms"]}
+            for m in measurements]  # DynamicCache itself: its steps in every pair
+        pairs = [[b / t for b, t in zip(m["dynamic_steps_ms"], m["steps_ms"])] for m in mine]
+        per_round = [statistics.median(p) for p in pairs]
+        ms = statistics.median(t for m in mine for t in m["steps_ms"])
         eager_key = row.key.removesuffix("+compile")
         same = None
         if row.compiled and row.name != STATIC and eager_key in eager_tokens:
-            same = toks == eager_tokens[eager_key]
+            same = mine[0]["tokens"] == eager_tokens[eager_key]
         table.append({
             "config": row.key, "method": row.name, "ratio": row.ratio, "compiled": row.compiled,
-            "tok_s": statistics.median(speeds), "vs_dynamic": statistics.median(ratios),
-            "vs_dynamic_min": min(ratios), "vs_dynamic_max": max(ratios),
-            "ms_per_token": 1000 / statistics.median(speeds), "cache_bytes": row.cache_bytes,
+            "tok_s": 1000 / ms, "vs_dynamic": statistics.median(x for p in pairs for x in p),
+            "vs_dynamic_min": min(per_round), "vs_dynamic_max": max(per_round),
+            "ms_per_token": ms, "cache_bytes": row.cache_bytes,
             "compile_s": compile_s.get(row.key), "same_tokens_as_eager": same,
         })
     static = next(t for t in table if t["config"] == STATIC)
-    for t in table:
-        t["vs_static_compile"] = t["tok_s"] / static["tok_s"]
+    for t in table:  # through the pairs with DynamicCache: both measured against it step by step
+        t["vs_static_compile"] = t["vs_dynamic"] / static["vs_dynamic"]
     return {"context": length, "threads": threads, "table": table, "measurements": measurements}
 
 
@@ -237,9 +268,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"Model {result['model']} ({result['config'].get('device', 'cpu')}, {result['config'].get('dtype', 'float32')}), "
         f"prompt from `{Path(result['config']['text']).name}`, batch 1, greedy; "
         f"{result['config']['steps']} timed steps after {result['config']['warmup']} untimed, median ms/token; "
-        f"{result['config']['rounds']} interleaved rounds per cell (DynamicCache first and last, the rest rotated). "
-        "*vs Dynamic*: median over rounds of tokens/s over the mean of the round's two DynamicCache runs "
-        "[min–max]; *vs Static+compile*: median tokens/s over StaticCache + compile's in the same cell. "
+        f"{result['config']['rounds']} rounds per cell, each configuration decoding in lockstep with a DynamicCache "
+        "(one step of each in turn). *vs Dynamic*: median over all steps of DynamicCache's step time over the "
+        "configuration's [min–max of the rounds' medians]; *vs Static+compile*: its vs Dynamic over StaticCache + "
+        "compile's. "
         "Compiled rows: `torch.compile(model, fullgraph=True, dynamic=False)`, eviction and projected caches with "
         "`decode_tokens`; *same tokens*: the compiled row generated the eager row's tokens. Cache MiB: after prefill.",
         "",
