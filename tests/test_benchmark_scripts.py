@@ -59,6 +59,22 @@ def test_compare_bench_finds_identical_rows_and_a_changed_one(tmp_path):
     assert "**0**" in (tmp_path / "c.md").read_text() and out["compared"] == result["compared"]
 
 
+def test_decode_benchmark_pairs_steps_taking_turns_first():
+    """``lockstep``: one step of each run in turn, the one going first alternating, warm-up steps
+    untimed; the second run's tokens are kept."""
+    module = load_benchmark("decode")
+    order = []
+
+    def run(name, seconds):
+        for i in range(100):
+            order.append(name)
+            yield seconds, 10 * i
+
+    times_a, times_b, tokens = module.lockstep(run("a", 1.0), run("b", 2.0), warmup=1, steps=4)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
+    assert times_a == [1.0] * 4 and times_b == [2.0] * 4 and tokens == [0, 10, 20, 30, 40]
+
+
 @pytest.mark.slow
 def test_decode_benchmark_smoke_runs_every_kind_of_row_and_resumes(tmp_path):
     """``benchmarks/decode.py --smoke``: DynamicCache, StaticCache + compile, a method eager and
