@@ -121,12 +121,6 @@ def stepper(forward: Any, cache: Any, token: torch.Tensor, start: int, before: A
         yield time.perf_counter() - began, int(token)
 
 
-def decode(forward: Any, cache: Any, token: torch.Tensor, start: int, warmup: int, steps: int) -> tuple[float, list[int]]:
-    """Median seconds per greedy single-token step (after ``warmup`` untimed ones) and the tokens."""
-    done = list(itertools.islice(stepper(forward, cache, token, start), warmup + steps))
-    return statistics.median(t for t, _ in done[warmup:]), [tok for _, tok in done]
-
-
 def lockstep(a: Any, b: Any, warmup: int, steps: int) -> tuple[list[float], list[float], list[int]]:
     """Two :func:`stepper` runs one step each in turn (``a`` first on even steps, ``b`` on odd):
     the timed steps' seconds of each and ``b``'s tokens (the warm-up steps' too)."""
@@ -177,9 +171,9 @@ class Config:
         return seconds
 
     def measure(self, model: Any, compiled: Any, length: int, args: argparse.Namespace) -> tuple[float, list[int]]:
-        cache = copy.deepcopy(self.prefilled)
-        self.attention(model)
-        return decode(compiled if self.compiled else model, cache, self.first, length, args.warmup, args.steps)
+        """Median seconds per step of one run alone (after ``--warmup`` untimed steps) and its tokens."""
+        done = list(itertools.islice(self.steps(model, compiled, length), args.warmup + args.steps))
+        return statistics.median(t for t, _ in done[args.warmup:]), [tok for _, tok in done]
 
     def steps(self, model: Any, compiled: Any, length: int) -> Iterator[tuple[float, int]]:
         """:func:`stepper` from a copy of the prefilled cache, on this row's attention every step (the
