@@ -228,12 +228,11 @@ def run_cell(model: Any, rows: list[Config], base: Config, length: int, threads:
         log(f"  round {r + 1}/{args.rounds} done")
     table = []
     for row in [base, *rows]:
-        mine = [m for m in measurements if m["config"] == row.key] or [
-            {"round": m["round"], "steps_ms": m["dynamic_steps_ms"], "dynamic_steps_ms": m["dynamic_steps_ms"]}
-            for m in measurements]  # DynamicCache itself: its steps in every pair
-        pairs = [[b / t for b, t in zip(m["dynamic_steps_ms"], m["steps_ms"])] for m in mine]
+        own = "dynamic_steps_ms" if row is base else "steps_ms"  # DynamicCache: its steps in every pair
+        mine = [m for m in measurements if row is base or m["config"] == row.key]
+        pairs = [[b / t for b, t in zip(m["dynamic_steps_ms"], m[own])] for m in mine]
         per_round = [statistics.median(p) for p in pairs]
-        ms = statistics.median(t for m in mine for t in m["steps_ms"])
+        ms = statistics.median(t for m in mine for t in m[own])
         eager_key = row.key.removesuffix("+compile")
         same = None
         if row.compiled and row.name != STATIC and eager_key in eager_tokens:
