@@ -95,16 +95,24 @@ def test_decode_tokens_is_checked_by_name():
 
 
 @pytest.mark.slow
-def test_compiled_generate_matches_eager_under_padding_without_recompiling():
+@pytest.mark.parametrize("read_mode", ["latent", "latent_explicit"])
+def test_compiled_generate_matches_eager_under_padding_without_recompiling(monkeypatch, read_mode):
+    """Compiled on CPU, ``latent`` reads through the fused kernel (faster there than the explicit
+    path compiled, at any thread count), ``latent_explicit`` through the explicit one; both trace
+    without a graph break and give the eager tokens."""
     model, p = _model_and_projections()
     ids, mask = batch_inputs(3, length=40)
-    eager = greedy(model, ids, mask, compresskv.PCAKVCache(model, p, rank=6), new_tokens=8)
+    eager = greedy(model, ids, mask, compresskv.PCAKVCache(model, p, rank=6, read_mode=read_mode), new_tokens=8)
+    fused = torch.zeros((), dtype=torch.long)  # counted in the graph: replayed steps count too
+    real = ProjectedLayer.projected_attention_sdpa
+    monkeypatch.setattr(ProjectedLayer, "projected_attention_sdpa", lambda layer, call: (fused.add_(1), real(layer, call))[1])
     torch._dynamo.reset()
     config = CompileConfig(fullgraph=True, dynamic=False, mode="default")  # fullgraph: a graph break raises
     config._compile_all_devices = True  # transformers compiles on GPUs only unless told
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(2):  # a second generate with a new cache reuses the graph
-            cache = compresskv.PCAKVCache(model, p, rank=6, decode_tokens=8)
+            cache = compresskv.PCAKVCache(model, p, rank=6, decode_tokens=8, read_mode=read_mode)
             got = greedy(model, ids, mask, cache, new_tokens=8, compile_config=config)
             assert torch.equal(got[0], eager[0])
             torch.testing.assert_close(got[1], eager[1], rtol=1e-4, atol=1e-4)
+    assert (int(fused) > 0) == (read_mode == "latent")

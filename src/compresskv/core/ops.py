@@ -88,9 +88,11 @@ def serial_when_small(query_len: int, read_bytes: int, device: torch.device, fn:
     back even if ``fn`` raises. (The count is the process's: another Python thread running torch
     ops meanwhile runs them on one thread too.)
     """
+    # (torch.get_num_threads does not trace: asked only outside torch.compile)
+    if query_len != 1 or device.type != "cpu" or read_bytes > SERIAL_READ_BYTES or torch.compiler.is_compiling():
+        return fn(*args, **kwargs)
     threads = torch.get_num_threads()
-    if (query_len != 1 or threads == 1 or device.type != "cpu" or read_bytes > SERIAL_READ_BYTES
-            or torch.compiler.is_compiling()):
+    if threads == 1:
         return fn(*args, **kwargs)
     torch.set_num_threads(1)
     try:
