@@ -32,7 +32,7 @@ fused kernel avoids): so this calls the ATen kernels behind it (see
 (:meth:`ProjectedLayer.projected_attention`, forced by ``read_mode="latent_explicit"``) stays the
 reference, and runs where the fused one does not apply: eagerly on CPU with one thread (measured
 faster there, see :attr:`ProjectedLayer.fused_cpu_threads`; compiled, the fused read is the faster
-on CPU at any thread count, and compiled reads on CUDA are explicit), under ``eager`` attention (which returns the
+on CPU at any thread count), compiled on CUDA, under ``eager`` attention (which returns the
 attention weights, ``[batch, q_heads, q_len, stored + q_len]``, for ``output_attentions=True``),
 with sink tokens, for heads whose key ranks and value ranks group them differently, and for shapes no fused kernel takes (on CUDA: ranks not a multiple of 8 in
 fp16/bf16, or of 4 in fp32).
@@ -262,10 +262,10 @@ class ProjectedLayer(KVLayer):
         if device.type not in self.fused_devices:
             return False
         if torch.compiler.is_compiling():
-            # Compiled on CPU the fused read beat inductor's explicit path at every thread count
-            # (PCA@0.5, 1k tokens: 1.24x against 1.01x DynamicCache with 1 thread, 1.04x against
-            # 0.96x with 2; 4k, 2 threads: 1.25x against 0.86x; same tokens). On CUDA the kernel
-            # choice (SDPAParams) does not trace, so compiled reads stay explicit there.
+            # Compiled on CPU the fused read beat inductor's explicit path at 1 and 2 threads, 1k
+            # and 4k tokens (PCA@0.5 at 1k, 1 thread: 1.24x DynamicCache against 1.13x; same
+            # tokens; benchmarks/results/decode_pca_compiled.md against decode.md). On CUDA the
+            # kernel choice (SDPAParams) does not trace, so compiled reads stay explicit there.
             return device.type == "cpu"
         return device.type != "cpu" or torch.get_num_threads() >= self.fused_cpu_threads
 
