@@ -49,7 +49,7 @@ import torch
 from ..core.attention import AttentionCall
 from ..core.cache import KVLayer, tensor_bytes
 from ..core.lse import attention_with_lse, merge_softmax
-from ..core.ops import serial_when_small, small_matmul, small_softmax
+from ..core.ops import heads_matmul, serial_when_small, small_softmax
 from .projections import Projections
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ class ProjectedLayer(KVLayer):
 
     @staticmethod
     def _project(centred: torch.Tensor, groups: list[_Group]) -> list[torch.Tensor]:
-        return [small_matmul(_select(centred, g), g.proj) for g in groups]
+        return [heads_matmul(_select(centred, g), g.proj) for g in groups]
 
     @staticmethod
     def _reconstruct(latent: list[torch.Tensor], mu: torch.Tensor, groups: list[_Group], inverse: torch.Tensor | None) -> torch.Tensor:
@@ -283,7 +283,7 @@ class ProjectedLayer(KVLayer):
         applied."""
         centred_k = self._new[2]
         q_len = centred_k.shape[-2]
-        logits = small_matmul(qs, centred_k.transpose(-1, -2)).float()
+        logits = heads_matmul(qs, centred_k.mT).float()
         pad_new = call.new_valid  # [batch, q_len], None when all real (checked once per forward)
         if q_len > 1 or pad_new is not None:
             allowed = torch.ones(q_len, q_len, dtype=torch.bool, device=qs.device).tril().repeat(groups, 1)[None, None]
@@ -321,11 +321,11 @@ class ProjectedLayer(KVLayer):
         for kg, vg, zk, zv in zip(f.k_groups, f.v_groups, self.k_latent, self.v_latent):
             group_bias = None if bias is None else _select(bias, kg)[..., :stored]
             found = serial_when_small(call.query.shape[-2], zk.nbytes + zv.nbytes, zk.device, attention_with_lse,
-                                      small_matmul(_select(qs, kg), kg.proj), zk, zv, group_bias, 1.0)
+                                      heads_matmul(_select(qs, kg), kg.proj), zk, zv, group_bias, 1.0)
             if found is None:
                 return None
             out, lse = found
-            parts.append(small_matmul(out, vg.proj.mT))
+            parts.append(heads_matmul(out, vg.proj.mT))
             lses.append(lse)
         old = _assemble(parts, f.v_inverse)  # [b, kv, rows, d]; v_inverse == k_inverse (paired)
         lse_old = _assemble(lses, f.k_inverse)  # [b, kv, rows]
@@ -349,7 +349,7 @@ class ProjectedLayer(KVLayer):
         qs, groups = self._grouped_query(call)
         bsz, n_kv, rows, _ = qs.shape
         stored = self.stored_before
-        old = [torch.matmul(small_matmul(_select(qs, g), g.proj), z.transpose(-1, -2))
+        old = [heads_matmul(_select(qs, g), g.proj, z.mT)
                for g, z in zip(f.k_groups, self.k_latent)]
         old_logits = _assemble(old, f.k_inverse).float()
         if self.sink_k is not None:  # the sink tokens' logits at full precision, relative alike
@@ -362,8 +362,8 @@ class ProjectedLayer(KVLayer):
         probs = small_softmax(logits).to(call.value.dtype)
         p_old, p_new = probs[..., :stored], probs[..., stored:]
 
-        parts = [small_matmul(torch.matmul(_select(p_old, g), z), g.proj.mT) for g, z in zip(f.v_groups, self.v_latent)]
-        out = _assemble(parts, f.v_inverse) + small_matmul(p_new, self._new[3])
+        parts = [heads_matmul(_select(p_old, g), z, g.proj.mT) for g, z in zip(f.v_groups, self.v_latent)]
+        out = _assemble(parts, f.v_inverse) + heads_matmul(p_new, self._new[3])
         if self.sink_v is not None:  # their values at full precision: add what the projection lost
             error = self.sink_v - self._sink_reconstruction("v")
             out = out + torch.matmul(p_old.gather(-1, sink_at), error)
