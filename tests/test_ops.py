@@ -32,6 +32,35 @@ def test_small_matmul_equals_matmul(threads, a_shape, b_shape):
     torch.testing.assert_close(got, torch.matmul(a, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bsz", [1, 3])
+def test_heads_matmul_equals_a_chain_of_matmuls(threads, bsz):
+    """Per-head matrices ``[heads, k, n]`` and per-row ones ``[batch, heads, k, n]``, chained, with
+    non-contiguous operands (a room's first tokens, transposed) as the projected caches pass them."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(bsz, 3, 3, 64, generator=g)
+    proj = torch.randn(3, 64, 32, generator=g)
+    latents = torch.randn(bsz, 3, 40, 32, generator=g)[:, :, :25]  # a view of a larger room
+    got = ops.heads_matmul(q, proj, latents.mT)
+    want = torch.matmul(torch.matmul(q, proj), latents.mT)
+    assert got.shape == want.shape == (bsz, 3, 3, 25)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # values ~100: fp32 summation order
+    torch.testing.assert_close(ops.heads_matmul(q, proj), torch.matmul(q, proj), rtol=1e-5, atol=1e-5)
+
+
+def test_heads_matmul_is_one_bmm_per_product_with_one_thread(monkeypatch):
+    bmm, matmul = [], []
+    real_bmm, real_matmul = torch.bmm, torch.matmul
+    monkeypatch.setattr(torch, "bmm", lambda *a: bmm.append(1) or real_bmm(*a))
+    monkeypatch.setattr(torch, "matmul", lambda *a: matmul.append(1) or real_matmul(*a))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ops.heads_matmul(torch.ones(2, 3, 3, 64), torch.ones(3, 64, 32), torch.ones(2, 3, 32, 10))
+        assert (len(bmm), len(matmul)) == (2, 0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_small_matmul_is_written_out_only_when_small_and_threaded(monkeypatch):
     calls = []
     real = torch.matmul

@@ -51,15 +51,19 @@ def small_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def heads_matmul(a: torch.Tensor, *mats: torch.Tensor) -> torch.Tensor:
     """``a @ mats[0] @ mats[1] ...`` for ``a`` ``[batch, heads, m, k]`` and each matrix either
-    ``[batch, heads, k, n]`` or, one per head, ``[heads, k, n]``: :func:`small_matmul` over
-    ``batch·heads`` 3-D views, ``[batch, heads, m, n_last]`` back.
+    ``[batch, heads, k, n]`` or, one per head, ``[heads, k, n]``; ``[batch, heads, m, n_last]``.
 
-    ``torch.matmul`` of these 4-D operands dispatches expand, reshape, bmm and view, each time. A
-    decode step runs a handful of such products per layer right after the model's linears have
-    streamed every cache line out, where each dispatch costs several times its warm cost: written
-    this way (a chain staying 3-D) the projected caches' eager decode step at 1k tokens measured a
-    few percent faster.
+    With a thread pool to keep asleep, :func:`small_matmul` on the operands as they are. Otherwise
+    one ``bmm`` per product over ``batch·heads`` 3-D views, the chain staying 3-D: ``torch.matmul``
+    of 4-D operands dispatches expand, reshape, bmm and view each time, and a decode step runs
+    these products per layer right after the model's linears have streamed every cache line out,
+    where each dispatch costs several times its warm cost (see ``benchmarks/results/decode_pca_bmm.md``).
     """
+    if _pooled(a):  # small products go elementwise (small_matmul), on the 4-D operands as they are
+        out = a
+        for b in mats:
+            out = small_matmul(out, b)
+        return out
     bsz, heads, m, k = a.shape
     out = a.reshape(bsz * heads, m, k)
     for b in mats:

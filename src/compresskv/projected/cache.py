@@ -49,7 +49,7 @@ import torch
 from ..core.attention import AttentionCall
 from ..core.cache import KVLayer, tensor_bytes
 from ..core.lse import attention_with_lse, merge_softmax
-from ..core.ops import heads_matmul, serial_when_small, small_softmax
+from ..core.ops import heads_matmul, serial_when_small, small_matmul, small_softmax
 from .projections import Projections
 
 if TYPE_CHECKING:
@@ -94,6 +94,22 @@ def _assemble(parts: list[torch.Tensor], inverse: torch.Tensor | None) -> torch.
     return out if inverse is None else out.index_select(1, inverse)
 
 
+# The explicit read works on [batch·kv_heads, rows, ·] views, one bmm per product (see
+# compresskv.core.ops.heads_matmul); a group's heads are then rows of dim 0 (LayerFactors.flat).
+def _take(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return x if index is None else x.index_select(0, index)
+
+
+def _join(parts: list[torch.Tensor], inverse: torch.Tensor | None) -> torch.Tensor:
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return out if inverse is None else out.index_select(0, inverse)
+
+
+def _per_batch(m: torch.Tensor, bsz: int) -> torch.Tensor:
+    """A group's per-head matrices ``[heads, ·, ·]`` for ``[batch·heads]`` products."""
+    return m if bsz == 1 else m.repeat(bsz, 1, 1)
+
+
 class LayerFactors:
     """One layer's projection columns and means, on the cache's device and dtype."""
 
@@ -108,6 +124,24 @@ class LayerFactors:
         # The fused read needs each group's key and value latents over the same heads (true for
         # uniform ranks, and whenever equal key ranks go with equal value ranks).
         self.paired = [g.heads for g in self.k_groups] == [g.heads for g in self.v_groups]
+
+        self._flat: dict[int, tuple[Any, ...]] = {}
+
+    def flat(self, bsz: int) -> tuple[list[torch.Tensor | None], torch.Tensor | None, list[torch.Tensor | None], torch.Tensor | None]:
+        """For ``[batch·kv_heads]`` views: each key group's rows and the inverse permutation of
+        their concatenation, then the same for the value groups (``None``: every head, in order)."""
+        if bsz not in self._flat:
+            n = self.mu_k.shape[0]
+            base = torch.arange(bsz, device=self.mu_k.device)[:, None] * n
+
+            def rows(groups: list[_Group]) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+                if len(groups) == 1 and groups[0].index is None:
+                    return [None], None
+                index = [(base + g.index[None, :]).flatten() for g in groups]
+                return index, torch.cat(index).argsort()
+
+            self._flat[bsz] = (*rows(self.k_groups), *rows(self.v_groups))
+        return self._flat[bsz]
 
     def nbytes(self) -> int:
         return tensor_bytes(self.mu_k, self.mu_v, *[g.proj for g in self.k_groups + self.v_groups])
@@ -276,21 +310,16 @@ class ProjectedLayer(KVLayer):
         n_kv = call.key.shape[1]
         return (call.query * call.scaling).reshape(bsz, n_kv, n_q // n_kv * q_len, dim), n_q // n_kv
 
-    def _new_logits(self, qs: torch.Tensor, call: AttentionCall, groups: int) -> torch.Tensor:
-        """fp32 logits ``[batch, kv_heads, rows, q_len]`` of the scaled grouped queries on this
-        call's own (new) keys, centred: ``q·(k − μ_k)``, the stored tokens' logits all being taken
-        relative to ``q·μ_k`` too (a common shift, which softmax ignores); causal and padding masks
-        applied."""
-        centred_k = self._new[2]
-        q_len = centred_k.shape[-2]
-        logits = heads_matmul(qs, centred_k.mT).float()
+    def _mask_new(self, logits: torch.Tensor, call: AttentionCall, groups: int) -> None:
+        """Apply the causal and padding masks, in place, to fp32 logits ``[batch, kv_heads, rows,
+        q_len]`` of the grouped queries on this call's own (new) keys."""
+        q_len = logits.shape[-1]
         pad_new = call.new_valid  # [batch, q_len], None when all real (checked once per forward)
         if q_len > 1 or pad_new is not None:
-            allowed = torch.ones(q_len, q_len, dtype=torch.bool, device=qs.device).tril().repeat(groups, 1)[None, None]
+            allowed = torch.ones(q_len, q_len, dtype=torch.bool, device=logits.device).tril().repeat(groups, 1)[None, None]
             if pad_new is not None:
                 allowed = allowed & pad_new[:, None, None, :]
             logits.masked_fill_(~allowed, torch.finfo(logits.dtype).min)
-        return logits
 
     def _finish(self, out: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         """``[batch, kv_heads, rows, d]`` (values relative to μ_v) → the attention output
@@ -329,7 +358,10 @@ class ProjectedLayer(KVLayer):
             lses.append(lse)
         old = _assemble(parts, f.v_inverse)  # [b, kv, rows, d]; v_inverse == k_inverse (paired)
         lse_old = _assemble(lses, f.k_inverse)  # [b, kv, rows]
-        out = merge_softmax(old, lse_old, self._new_logits(qs, call, groups), self._new[3])
+        # the new tokens' logits, centred: q·(k − μ_k), relative to q·μ_k like the stored ones
+        new_logits = heads_matmul(qs, self._new[2].mT).float()
+        self._mask_new(new_logits, call, groups)
+        out = merge_softmax(old, lse_old, new_logits, self._new[3])
         return self._finish(out, call), None
 
     def projected_attention(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -346,28 +378,34 @@ class ProjectedLayer(KVLayer):
         ``Σ p_old·μ_v + Σ p_new·v_new = μ_v + Σ p_new·(v_new − μ_v)``.
         """
         f = self.factors
-        qs, groups = self._grouped_query(call)
-        bsz, n_kv, rows, _ = qs.shape
-        stored = self.stored_before
-        old = [heads_matmul(_select(qs, g), g.proj, z.mT)
-               for g, z in zip(f.k_groups, self.k_latent)]
-        old_logits = _assemble(old, f.k_inverse).float()
+        bsz, n_q, q_len, dim = call.query.shape
+        n_kv = f.mu_k.shape[0]
+        groups = n_q // n_kv
+        rows, stored = groups * q_len, self.stored_before
+        k_rows, k_inverse, v_rows, v_inverse = f.flat(bsz)
+        # [batch·kv_heads, rows, ·] throughout (query head h·G+g → KV head h, row g·q_len+i)
+        qs = (call.query * call.scaling).reshape(bsz * n_kv, rows, dim)
+        _, _, centred_k, centred_v = self._new
+        old = [small_matmul(small_matmul(_take(qs, i), _per_batch(g.proj, bsz)), z.flatten(0, 1).mT)
+               for g, i, z in zip(f.k_groups, k_rows, self.k_latent)]
+        logits = torch.cat([_join(old, k_inverse), small_matmul(qs, centred_k.flatten(0, 1).mT)], dim=-1)
+        logits = logits.float().view(bsz, n_kv, rows, stored + q_len)
+        self._mask_new(logits[..., stored:], call, groups)
         if self.sink_k is not None:  # the sink tokens' logits at full precision, relative alike
             sink_at = self.sink_index[:, None, None, :].expand(bsz, n_kv, rows, -1)
-            sink = torch.matmul(qs, (self.sink_k - f.mu_k4).transpose(-1, -2)).float()
-            old_logits = old_logits.scatter(-1, sink_at, sink)
-        logits = torch.cat([old_logits, self._new_logits(qs, call, groups)], dim=-1)
+            sink = torch.matmul(qs.view(bsz, n_kv, rows, dim), (self.sink_k - f.mu_k4).mT).float()
+            logits[..., :stored].scatter_(-1, sink_at, sink)
         if self.valid is not None:  # in place, broadcast over the rows: no [.., rows, stored] boolean built
             logits[..., :stored].masked_fill_(~self.valid[:, :, None, :stored], torch.finfo(logits.dtype).min)
         probs = small_softmax(logits).to(call.value.dtype)
-        p_old, p_new = probs[..., :stored], probs[..., stored:]
+        p_old, p_new = probs.view(bsz * n_kv, rows, -1)[..., :stored], probs.view(bsz * n_kv, rows, -1)[..., stored:]
 
-        parts = [heads_matmul(_select(p_old, g), z, g.proj.mT) for g, z in zip(f.v_groups, self.v_latent)]
-        out = _assemble(parts, f.v_inverse) + heads_matmul(p_new, self._new[3])
+        parts = [small_matmul(small_matmul(_take(p_old, i), z.flatten(0, 1)), _per_batch(g.proj.mT, bsz))
+                 for g, i, z in zip(f.v_groups, v_rows, self.v_latent)]
+        out = (_join(parts, v_inverse) + small_matmul(p_new, centred_v.flatten(0, 1))).view(bsz, n_kv, rows, dim)
         if self.sink_v is not None:  # their values at full precision: add what the projection lost
             error = self.sink_v - self._sink_reconstruction("v")
-            out = out + torch.matmul(p_old.gather(-1, sink_at), error)
-        bsz, n_q, q_len, _ = call.query.shape
+            out = out + torch.matmul(probs[..., :stored].gather(-1, sink_at), error)
         weights = probs.view(bsz, n_kv, groups, q_len, -1).reshape(bsz, n_q, q_len, -1) if call.base == "eager" else None
         return self._finish(out, call), weights
 
