@@ -105,6 +105,11 @@ def _join(parts: list[torch.Tensor], inverse: torch.Tensor | None) -> torch.Tens
     return out if inverse is None else out.index_select(0, inverse)
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, without the call (a dispatch a decode step pays per layer) when it is one."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _per_batch(m: torch.Tensor, bsz: int) -> torch.Tensor:
     """A group's per-head matrices ``[heads, ·, ·]`` for ``[batch·heads]`` products."""
     return m if bsz == 1 else m.repeat(bsz, 1, 1)
@@ -124,7 +129,6 @@ class LayerFactors:
         # The fused read needs each group's key and value latents over the same heads (true for
         # uniform ranks, and whenever equal key ranks go with equal value ranks).
         self.paired = [g.heads for g in self.k_groups] == [g.heads for g in self.v_groups]
-
         self._flat: dict[int, tuple[Any, ...]] = {}
 
     def flat(self, bsz: int) -> tuple[list[torch.Tensor | None], torch.Tensor | None, list[torch.Tensor | None], torch.Tensor | None]:
@@ -185,6 +189,7 @@ class ProjectedLayer(KVLayer):
         cache = self.cache_ref()
         self.factors = LayerFactors(cache.projections, self.layer_idx, self.ranks_k, self.ranks_v, self.dtype, self.device)
         bsz = key_states.shape[0]
+        self.factors.flat(bsz)  # built here, eagerly: never first inside a compiled decode step
         self.k_latent = [key_states.new_empty(bsz, len(g.heads), 0, g.rank) for g in self.factors.k_groups]
         self.v_latent = [value_states.new_empty(bsz, len(g.heads), 0, g.rank) for g in self.factors.v_groups]
         self.is_initialized = True
@@ -310,12 +315,14 @@ class ProjectedLayer(KVLayer):
         n_kv = call.key.shape[1]
         return (call.query * call.scaling).reshape(bsz, n_kv, n_q // n_kv * q_len, dim), n_q // n_kv
 
-    def _mask_new(self, logits: torch.Tensor, call: AttentionCall, groups: int) -> None:
+    def _mask_new(self, logits: torch.Tensor, call: AttentionCall, groups: int, start: int = 0) -> None:
         """Apply the causal and padding masks, in place, to fp32 logits ``[batch, kv_heads, rows,
-        q_len]`` of the grouped queries on this call's own (new) keys."""
-        q_len = logits.shape[-1]
+        start + q_len]`` whose columns from ``start`` on are the grouped queries' on this call's own
+        (new) keys."""
+        q_len = logits.shape[-1] - start
         pad_new = call.new_valid  # [batch, q_len], None when all real (checked once per forward)
         if q_len > 1 or pad_new is not None:
+            logits = logits[..., start:]
             allowed = torch.ones(q_len, q_len, dtype=torch.bool, device=logits.device).tril().repeat(groups, 1)[None, None]
             if pad_new is not None:
                 allowed = allowed & pad_new[:, None, None, :]
@@ -325,7 +332,9 @@ class ProjectedLayer(KVLayer):
         """``[batch, kv_heads, rows, d]`` (values relative to μ_v) → the attention output
         ``[batch, q_len, q_heads, d]`` in the query's dtype."""
         bsz, n_q, q_len, dim = call.query.shape
-        out = (out + self.factors.mu_v4).to(call.query.dtype)
+        out = _as(out + self.factors.mu_v4, call.query.dtype)
+        if q_len == 1:  # [batch, kv_heads, G, d] is [batch, 1, q_heads, d] in memory (head h·G+g)
+            return out.view(bsz, 1, n_q, dim)
         return out.reshape(bsz, n_q, q_len, dim).transpose(1, 2).contiguous()
 
     def projected_attention_sdpa(self, call: AttentionCall) -> tuple[torch.Tensor, None] | None:
@@ -389,16 +398,17 @@ class ProjectedLayer(KVLayer):
         old = [small_matmul(small_matmul(_take(qs, i), _per_batch(g.proj, bsz)), z.flatten(0, 1).mT)
                for g, i, z in zip(f.k_groups, k_rows, self.k_latent)]
         logits = torch.cat([_join(old, k_inverse), small_matmul(qs, centred_k.flatten(0, 1).mT)], dim=-1)
-        logits = logits.float().view(bsz, n_kv, rows, stored + q_len)
-        self._mask_new(logits[..., stored:], call, groups)
+        logits = _as(logits, torch.float32).view(bsz, n_kv, rows, stored + q_len)
+        self._mask_new(logits, call, groups, stored)
         if self.sink_k is not None:  # the sink tokens' logits at full precision, relative alike
             sink_at = self.sink_index[:, None, None, :].expand(bsz, n_kv, rows, -1)
             sink = torch.matmul(qs.view(bsz, n_kv, rows, dim), (self.sink_k - f.mu_k4).mT).float()
             logits[..., :stored].scatter_(-1, sink_at, sink)
         if self.valid is not None:  # in place, broadcast over the rows: no [.., rows, stored] boolean built
             logits[..., :stored].masked_fill_(~self.valid[:, :, None, :stored], torch.finfo(logits.dtype).min)
-        probs = small_softmax(logits).to(call.value.dtype)
-        p_old, p_new = probs.view(bsz * n_kv, rows, -1)[..., :stored], probs.view(bsz * n_kv, rows, -1)[..., stored:]
+        probs = _as(small_softmax(logits), call.value.dtype)
+        flat_probs = probs.view(bsz * n_kv, rows, stored + q_len)
+        p_old, p_new = flat_probs[..., :stored], flat_probs[..., stored:]
 
         parts = [small_matmul(small_matmul(_take(p_old, i), z.flatten(0, 1)), _per_batch(g.proj.mT, bsz))
                  for g, i, z in zip(f.v_groups, v_rows, self.v_latent)]
