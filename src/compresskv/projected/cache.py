@@ -333,8 +333,8 @@ class ProjectedLayer(KVLayer):
         ``[batch, q_len, q_heads, d]`` in the query's dtype."""
         bsz, n_q, q_len, dim = call.query.shape
         out = _as(out + self.factors.mu_v4, call.query.dtype)
-        if q_len == 1:  # [batch, kv_heads, G, d] is [batch, 1, q_heads, d] in memory (head h·G+g)
-            return out.view(bsz, 1, n_q, dim)
+        if q_len == 1:  # [batch, kv_heads, G, d] is [batch, 1, q_heads, d] (head h·G+g): a view
+            return out.reshape(bsz, 1, n_q, dim)  # (eagerly; inductor may lay the sum out otherwise)
         return out.reshape(bsz, n_q, q_len, dim).transpose(1, 2).contiguous()
 
     def projected_attention_sdpa(self, call: AttentionCall) -> tuple[torch.Tensor, None] | None:
