@@ -67,12 +67,18 @@ def heads_matmul(a: torch.Tensor, *mats: torch.Tensor) -> torch.Tensor:
     bsz, heads, m, k = a.shape
     out = a.reshape(bsz * heads, m, k)
     for b in mats:
-        if b.dim() == 3:  # per head: the same matrices for every row of the batch
-            b = b if bsz == 1 else b.repeat(bsz, 1, 1)
+        if b.dim() == 3:
+            b = per_batch(b, bsz)
         else:
             b = b.reshape(bsz * heads, *b.shape[-2:])
         out = small_matmul(out, b)
     return out.view(bsz, heads, m, -1)
+
+
+def per_batch(m: torch.Tensor, bsz: int) -> torch.Tensor:
+    """Per-head matrices ``[heads, k, n]`` for products over ``[batch·heads]`` views: the same
+    matrices for every row of the batch (repeated, as ``torch.matmul`` broadcasting would)."""
+    return m if bsz == 1 else m.repeat(bsz, 1, 1)
 
 
 def small_softmax(x: torch.Tensor) -> torch.Tensor:

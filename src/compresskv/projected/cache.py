@@ -49,7 +49,7 @@ import torch
 from ..core.attention import AttentionCall
 from ..core.cache import KVLayer, tensor_bytes
 from ..core.lse import attention_with_lse, merge_softmax
-from ..core.ops import heads_matmul, serial_when_small, small_matmul, small_softmax
+from ..core.ops import heads_matmul, per_batch, serial_when_small, small_matmul, small_softmax
 from .projections import Projections
 
 if TYPE_CHECKING:
@@ -85,34 +85,22 @@ def _groups(u: torch.Tensor, ranks: list[int], dtype: torch.dtype, device: torch
     return groups, inverse
 
 
-def _select(x: torch.Tensor, group: _Group) -> torch.Tensor:
-    return x if group.index is None else x.index_select(1, group.index)
+def _select(x: torch.Tensor, index: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
+    """A group's heads of ``x`` (``index``: the group's, ``None`` for every head in order), along
+    the heads (``dim=1``) or, on ``[batch·kv_heads]`` views, along the rows (``dim=0``, the indices
+    of :meth:`LayerFactors.flat`)."""
+    return x if index is None else x.index_select(dim, index)
 
 
-def _assemble(parts: list[torch.Tensor], inverse: torch.Tensor | None) -> torch.Tensor:
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    return out if inverse is None else out.index_select(1, inverse)
-
-
-# The explicit read works on [batch·kv_heads, rows, ·] views, one bmm per product (see
-# compresskv.core.ops.heads_matmul); a group's heads are then rows of dim 0 (LayerFactors.flat).
-def _take(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    return x if index is None else x.index_select(0, index)
-
-
-def _join(parts: list[torch.Tensor], inverse: torch.Tensor | None) -> torch.Tensor:
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    return out if inverse is None else out.index_select(0, inverse)
+def _assemble(parts: list[torch.Tensor], inverse: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
+    """The groups' parts back in head order (the dim as in :func:`_select`)."""
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+    return out if inverse is None else out.index_select(dim, inverse)
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x.to(dtype)``, without the call (a dispatch a decode step pays per layer) when it is one."""
     return x if x.dtype == dtype else x.to(dtype)
-
-
-def _per_batch(m: torch.Tensor, bsz: int) -> torch.Tensor:
-    """A group's per-head matrices ``[heads, ·, ·]`` for ``[batch·heads]`` products."""
-    return m if bsz == 1 else m.repeat(bsz, 1, 1)
 
 
 class LayerFactors:
@@ -196,7 +184,7 @@ class ProjectedLayer(KVLayer):
 
     @staticmethod
     def _project(centred: torch.Tensor, groups: list[_Group]) -> list[torch.Tensor]:
-        return [heads_matmul(_select(centred, g), g.proj) for g in groups]
+        return [heads_matmul(_select(centred, g.index), g.proj) for g in groups]
 
     @staticmethod
     def _reconstruct(latent: list[torch.Tensor], mu: torch.Tensor, groups: list[_Group], inverse: torch.Tensor | None) -> torch.Tensor:
@@ -357,9 +345,9 @@ class ProjectedLayer(KVLayer):
             bias[..., :stored].masked_fill_(~self.valid[:, :, None, :stored], torch.finfo(qs.dtype).min)
         parts, lses = [], []
         for kg, vg, zk, zv in zip(f.k_groups, f.v_groups, self.k_latent, self.v_latent):
-            group_bias = None if bias is None else _select(bias, kg)[..., :stored]
+            group_bias = None if bias is None else _select(bias, kg.index)[..., :stored]
             found = serial_when_small(call.query.shape[-2], zk.nbytes + zv.nbytes, zk.device, attention_with_lse,
-                                      heads_matmul(_select(qs, kg), kg.proj), zk, zv, group_bias, 1.0)
+                                      heads_matmul(_select(qs, kg.index), kg.proj), zk, zv, group_bias, 1.0)
             if found is None:
                 return None
             out, lse = found
@@ -392,12 +380,13 @@ class ProjectedLayer(KVLayer):
         groups = n_q // n_kv
         rows, stored = groups * q_len, self.stored_before
         k_rows, k_inverse, v_rows, v_inverse = f.flat(bsz)
-        # [batch·kv_heads, rows, ·] throughout (query head h·G+g → KV head h, row g·q_len+i)
+        # [batch·kv_heads, rows, ·] views throughout, one bmm per product (see heads_matmul);
+        # query head h·G+g → KV head h, row g·q_len+i
         qs = (call.query * call.scaling).reshape(bsz * n_kv, rows, dim)
         _, _, centred_k, centred_v = self._new
-        old = [small_matmul(small_matmul(_take(qs, i), _per_batch(g.proj, bsz)), z.flatten(0, 1).mT)
+        old = [small_matmul(small_matmul(_select(qs, i, 0), per_batch(g.proj, bsz)), z.flatten(0, 1).mT)
                for g, i, z in zip(f.k_groups, k_rows, self.k_latent)]
-        logits = torch.cat([_join(old, k_inverse), small_matmul(qs, centred_k.flatten(0, 1).mT)], dim=-1)
+        logits = torch.cat([_assemble(old, k_inverse, 0), small_matmul(qs, centred_k.flatten(0, 1).mT)], dim=-1)
         logits = _as(logits, torch.float32).view(bsz, n_kv, rows, stored + q_len)
         self._mask_new(logits, call, groups, stored)
         if self.sink_k is not None:  # the sink tokens' logits at full precision, relative alike
@@ -410,9 +399,9 @@ class ProjectedLayer(KVLayer):
         flat_probs = probs.view(bsz * n_kv, rows, stored + q_len)
         p_old, p_new = flat_probs[..., :stored], flat_probs[..., stored:]
 
-        parts = [small_matmul(small_matmul(_take(p_old, i), z.flatten(0, 1)), _per_batch(g.proj.mT, bsz))
+        parts = [small_matmul(small_matmul(_select(p_old, i, 0), z.flatten(0, 1)), per_batch(g.proj.mT, bsz))
                  for g, i, z in zip(f.v_groups, v_rows, self.v_latent)]
-        out = (_join(parts, v_inverse) + small_matmul(p_new, centred_v.flatten(0, 1))).view(bsz, n_kv, rows, dim)
+        out = (_assemble(parts, v_inverse, 0) + small_matmul(p_new, centred_v.flatten(0, 1))).view(bsz, n_kv, rows, dim)
         if self.sink_v is not None:  # their values at full precision: add what the projection lost
             error = self.sink_v - self._sink_reconstruction("v")
             out = out + torch.matmul(probs[..., :stored].gather(-1, sink_at), error)
