@@ -20,6 +20,7 @@ from torch.nn import functional as F
 import compresskv
 from compresskv import elitekv
 from compresskv.core import lse as latent_mod
+from compresskv.core import ops
 from compresskv.projected.cache import ProjectedLayer
 from compresskv.elitekv import attention as elitekv_attention
 from conftest import VOCAB, batch_inputs, dynamic, greedy, tiny_model, kv
@@ -262,6 +263,7 @@ def test_matryoshka_full_rank_generate_through_the_fused_path_matches_dynamic_ca
     ids, mask = batch_inputs(batch)
     ref_seq, ref_logits = greedy(model, ids, mask, dynamic(model))
     monkeypatch.setattr(ProjectedLayer, "fused_cpu_threads", 1)  # fused on CPU, with any thread count
+    monkeypatch.setattr(ops, "SERIAL_READ_BYTES", -1)  # and for decode steps' small reads
     ran = []
     real = ProjectedLayer.projected_attention_sdpa
     monkeypatch.setattr(ProjectedLayer, "projected_attention_sdpa",
@@ -287,6 +289,7 @@ def test_matryoshka_falls_back_to_the_explicit_path(monkeypatch, case):
         "explicit-mode": dict(rank=6),
     }[case]
     monkeypatch.setattr(ProjectedLayer, "fused_cpu_threads", 1)  # fused on CPU, with any thread count
+    monkeypatch.setattr(ops, "SERIAL_READ_BYTES", -1)  # and for decode steps' small reads
     fused = []
     real = ProjectedLayer.projected_attention_sdpa
     monkeypatch.setattr(ProjectedLayer, "projected_attention_sdpa",
@@ -416,10 +419,13 @@ def test_gpu_matryoshka_fused_matches_the_reference(monkeypatch, dtype, batch):
     assert check.worst <= tol * max(1.0, check.scale)
 
 
-@pytest.mark.parametrize("threads, fused", [(1, False), (2, True)])
-def test_matryoshka_on_cpu_reads_fused_only_with_a_thread_pool(monkeypatch, threads, fused):
+@pytest.mark.parametrize("threads, small_reads_serial, fused", [(1, True, False), (2, True, False), (2, False, True)])
+def test_matryoshka_on_cpu_reads_fused_only_with_a_thread_pool(monkeypatch, threads, small_reads_serial, fused):
     """On CPU the fused read runs with 2+ threads (one parallel region against the explicit path's
-    three), the explicit one with 1 (its GEMMs are faster there); both give the reference's tokens."""
+    three), but not for a decode step's small read, which runs the explicit path on one thread (its
+    GEMMs are faster there), as it does with 1 thread; all give the reference's tokens."""
+    if not small_reads_serial:
+        monkeypatch.setattr(ops, "SERIAL_READ_BYTES", -1)
     torch.set_num_threads(threads)
     model = tiny_model("llama", "sdpa")
     p = projections(model)

@@ -61,6 +61,27 @@ def test_heads_matmul_is_one_bmm_per_product_with_one_thread(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_add_product_and_product_for_equal_their_plain_forms(monkeypatch, threads):
+    """``add_product(c, a, b) == c + a @ b`` (``c`` broadcast over the rows) and ``product_for``'s
+    product equals ``torch.bmm``: one ``baddbmm``/``bmm`` with one thread, written out with a
+    thread pool to keep asleep (no ``baddbmm``)."""
+    g = torch.Generator().manual_seed(1)
+    a, b, c = torch.randn(6, 3, 25, generator=g), torch.randn(6, 25, 64, generator=g), torch.randn(6, 1, 64, generator=g)
+    fused = []
+    real = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *x, **k: fused.append(1) or real(*x, **k))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        torch.testing.assert_close(ops.add_product(c, a, b), c + torch.bmm(a, b), rtol=1e-5, atol=1e-5)
+        assert (ops.product_for(a) is torch.bmm) == (threads == 1)
+        torch.testing.assert_close(ops.product_for(a)(a, b), torch.bmm(a, b), rtol=1e-5, atol=1e-5)
+        assert len(fused) == (threads == 1)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_small_matmul_is_written_out_only_when_small_and_threaded(monkeypatch):
     calls = []
     real = torch.matmul
@@ -152,9 +173,9 @@ def test_serial_when_small_runs_on_one_thread_and_puts_the_count_back(monkeypatc
 @pytest.mark.parametrize("method", ["snapkv", "matryoshka"])
 def test_decode_steps_read_on_one_thread_with_the_same_tokens(monkeypatch, method):
     """With two threads, every decode step's attention (SnapKV: the model's sdpa over the kept keys;
-    Matryoshka: the fused latent read) runs on one thread, the prompt's on both; tokens and logits
-    are those of the same run with the rule off (logits to rounding: kernels may block differently
-    by thread count)."""
+    Matryoshka: the explicit latent read) runs on one thread, the prompt's on both; tokens and logits
+    are those of the same run with the rule off (Matryoshka's decode steps then take the fused read,
+    on both threads; logits to rounding: kernels may block differently by thread count)."""
     from conftest import batch_inputs, greedy, tiny_model
 
     import compresskv
@@ -175,6 +196,10 @@ def test_decode_steps_read_on_one_thread_with_the_same_tokens(monkeypatch, metho
     real = getattr(module, name)
     monkeypatch.setattr(module, name, lambda query, *a, **k: reads.append((query.shape[-2], torch.get_num_threads()))
                         or real(query, *a, **k))
+    if method == "matryoshka":  # decode steps read explicitly (small reads), or fused with the rule off
+        explicit = projected_cache.ProjectedLayer.projected_attention
+        monkeypatch.setattr(projected_cache.ProjectedLayer, "projected_attention", lambda layer, call: reads.append(
+            (call.query.shape[-2], torch.get_num_threads())) or explicit(layer, call))
     seq, logits = greedy(model, ids, mask, make())
     # a decode step's rows: 1 token, or its 2 query heads per KV head where they are grouped; the
     # prompt's: its 48 tokens

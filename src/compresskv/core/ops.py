@@ -49,6 +49,21 @@ def small_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
+def product_for(x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The product for a decode step's 3-D operands of one batch size on ``x``'s device:
+    :func:`small_matmul` where a thread pool is to be kept asleep, else ``torch.bmm`` itself (asked
+    once per read, not per product: each check is Python work a decode step pays per layer)."""
+    return small_matmul if _pooled(x) else torch.bmm
+
+
+def add_product(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``c + a @ b`` for 3-D operands of one batch size (``c`` broadcast): one ``baddbmm``, or
+    :func:`small_matmul` and an add where a thread pool is to be kept asleep."""
+    if _pooled(a):
+        return small_matmul(a, b) + c
+    return torch.baddbmm(c, a, b)
+
+
 def heads_matmul(a: torch.Tensor, *mats: torch.Tensor) -> torch.Tensor:
     """``a @ mats[0] @ mats[1] ...`` for ``a`` ``[batch, heads, m, k]`` and each matrix either
     ``[batch, heads, k, n]`` or, one per head, ``[heads, k, n]``; ``[batch, heads, m, n_last]``.
@@ -108,6 +123,15 @@ def take_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.index_select(0, (index + heads).flatten()).view(b, h, index.shape[-1], d)
 
 
+def serial_read(query_len: int, read_bytes: int, device: torch.device) -> bool:
+    """Whether an attention call of ``query_len`` new tokens reading ``read_bytes`` of stored keys
+    and values is a decode step that :func:`serial_when_small` runs on one thread (eagerly, on CPU,
+    at most :data:`SERIAL_READ_BYTES`)."""
+    # (torch.get_num_threads does not trace: asked only outside torch.compile)
+    return (query_len == 1 and device.type == "cpu" and read_bytes <= SERIAL_READ_BYTES
+            and not torch.compiler.is_compiling())
+
+
 def serial_when_small(query_len: int, read_bytes: int, device: torch.device, fn: Callable[..., T], *args: Any,
                       **kwargs: Any) -> T:
     """``fn(*args, **kwargs)``, an attention call of ``query_len`` new tokens reading ``read_bytes``
@@ -123,8 +147,7 @@ def serial_when_small(query_len: int, read_bytes: int, device: torch.device, fn:
     back even if ``fn`` raises. (The count is the process's: another Python thread running torch
     ops meanwhile runs them on one thread too.)
     """
-    # (torch.get_num_threads does not trace: asked only outside torch.compile)
-    if query_len != 1 or device.type != "cpu" or read_bytes > SERIAL_READ_BYTES or torch.compiler.is_compiling():
+    if not serial_read(query_len, read_bytes, device):
         return fn(*args, **kwargs)
     threads = torch.get_num_threads()
     if threads == 1:

@@ -30,9 +30,10 @@ latent tensors (a copy of the whole cache per step) or the stored logits are com
 fused kernel avoids): so this calls the ATen kernels behind it (see
 :func:`compresskv.core.lse.attention_with_lse`). The explicit path
 (:meth:`ProjectedLayer.projected_attention`, forced by ``read_mode="latent_explicit"``) stays the
-reference, and runs where the fused one does not apply: eagerly on CPU with one thread (measured
-faster there, see :attr:`ProjectedLayer.fused_cpu_threads`; compiled, the fused read is the faster
-on CPU at any thread count), compiled on CUDA, under ``eager`` attention (which returns the
+reference, and runs where the fused one does not apply: eagerly on CPU with one thread, and for a
+decode step's small read with any (on one thread: measured faster there, see
+:attr:`ProjectedLayer.fused_cpu_threads`; compiled, the fused read is the faster on CPU at any
+thread count), compiled on CUDA, under ``eager`` attention (which returns the
 attention weights, ``[batch, q_heads, q_len, stored + q_len]``, for ``output_attentions=True``),
 with sink tokens, for heads whose key ranks and value ranks group them differently, and for shapes no fused kernel takes (on CUDA: ranks not a multiple of 8 in
 fp16/bf16, or of 4 in fp32).
@@ -49,7 +50,7 @@ import torch
 from ..core.attention import AttentionCall
 from ..core.cache import KVLayer, tensor_bytes
 from ..core.lse import attention_with_lse, merge_softmax
-from ..core.ops import heads_matmul, per_batch, serial_when_small, small_matmul, small_softmax
+from ..core.ops import add_product, heads_matmul, per_batch, product_for, serial_read, serial_when_small, small_softmax
 from .projections import Projections
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ class LayerFactors:
         self.mu_k = t["mu_k"][layer].to(device=device, dtype=dtype).contiguous()
         self.mu_v = t["mu_v"][layer].to(device=device, dtype=dtype).contiguous()
         self.mu_k4, self.mu_v4 = self.mu_k[None, :, None, :], self.mu_v[None, :, None, :]  # [1, kv, 1, d]
+        self.mu_v3 = self.mu_v[:, None, :]  # [kv, 1, d]
         self.k_groups, self.k_inverse = _groups(t["U_k"][layer], ranks_k, dtype, device)
         self.v_groups, self.v_inverse = _groups(t["U_v"][layer], ranks_v, dtype, device)
         # The fused read needs each group's key and value latents over the same heads (true for
@@ -144,13 +146,14 @@ class ProjectedLayer(KVLayer):
 
     #: Devices on which ``read_mode="latent"`` reads through the fused kernels.
     fused_devices: tuple[str, ...] = ("cuda", "cpu")
-    #: On CPU, the fewest torch threads with which the fused read runs. With one thread the explicit
-    #: path's two GEMMs measured 15-25% faster than the CPU flash kernel at rank 16 and on par at
-    #: rank 32 (2k-16k tokens, batch 1-8); with more, each of them (and its softmax) is a parallel
-    #: region that wakes the thread pool (:mod:`compresskv.core.ops`), the flash kernel one, and the
-    #: fused read measured faster (1k tokens, 2 threads, ``benchmarks/results/decode_pca.md``); a
-    #: decode step's fused read of at most 2 MiB then runs on one thread
-    #: (:func:`compresskv.core.ops.serial_when_small`).
+    #: On CPU, eagerly, the fewest torch threads with which the fused read runs; a decode step reading
+    #: at most 2 MiB of latents (:func:`compresskv.core.ops.serial_read`) runs the explicit path on
+    #: one thread instead. With one thread the explicit path's two GEMMs measured 15-25% faster than
+    #: the CPU flash kernel at rank 16 and on par at rank 32 (2k-16k tokens, batch 1-8); with two, a
+    #: small decode read's GEMMs and softmax each wake the thread pool (:mod:`compresskv.core.ops`),
+    #: and on one thread the explicit read beat the fused one (PCA@0.5, 2 threads, A/B in one
+    #: process: 1.045x DynamicCache against 0.990x at 1k tokens, 1.16x against 1.14x at 4k, even at
+    #: 8k; ``benchmarks/results/decode_pca_serial.md``).
     fused_cpu_threads: int = 2
     storage = ("k_latent", "v_latent", "sink_index", "sink_k", "sink_v")
 
@@ -278,14 +281,15 @@ class ProjectedLayer(KVLayer):
                 "projected-space attention does not implement; use read_mode='model'."
             )
         # eager attention returns the weights (output_attentions), which only the explicit path forms
+        q_len, device, read_bytes = call.query.shape[-2], call.query.device, self.latent_nbytes()
         if (self.read_mode == "latent" and self.sink_k is None and self.factors.paired and call.base != "eager"
-                and self._fused_on(call.query.device)):
+                and self._fused_on(device, q_len, read_bytes)):
             out = self.projected_attention_sdpa(call)
             if out is not None:
                 return out
-        return self.projected_attention(call)
+        return serial_when_small(q_len, read_bytes, device, self.projected_attention, call)
 
-    def _fused_on(self, device: torch.device) -> bool:
+    def _fused_on(self, device: torch.device, q_len: int, read_bytes: int) -> bool:
         if device.type not in self.fused_devices:
             return False
         if torch.compiler.is_compiling():
@@ -294,7 +298,11 @@ class ProjectedLayer(KVLayer):
             # tokens; benchmarks/results/decode_pca_compiled.md against decode.md). On CUDA the
             # kernel choice (SDPAParams) does not trace, so compiled reads stay explicit there.
             return device.type == "cpu"
-        return device.type != "cpu" or torch.get_num_threads() >= self.fused_cpu_threads
+        if device.type != "cpu":
+            return True
+        # Eagerly on CPU a decode step's small read runs the explicit path on one thread (see
+        # fused_cpu_threads); the fused kernel takes larger reads where there are threads for it.
+        return torch.get_num_threads() >= self.fused_cpu_threads and not serial_read(q_len, read_bytes, device)
 
     def _grouped_query(self, call: AttentionCall) -> tuple[torch.Tensor, int]:
         """The scaled query ``[batch, kv_heads, rows, d]`` (query head h·G+g → KV head h, row
@@ -317,10 +325,10 @@ class ProjectedLayer(KVLayer):
             logits.masked_fill_(~allowed, torch.finfo(logits.dtype).min)
 
     def _finish(self, out: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        """``[batch, kv_heads, rows, d]`` (values relative to μ_v) → the attention output
-        ``[batch, q_len, q_heads, d]`` in the query's dtype."""
+        """``[batch, kv_heads, rows, d]`` → the attention output ``[batch, q_len, q_heads, d]`` in the
+        query's dtype."""
         bsz, n_q, q_len, dim = call.query.shape
-        out = _as(out + self.factors.mu_v4, call.query.dtype)
+        out = _as(out, call.query.dtype)
         if q_len == 1:  # [batch, kv_heads, G, d] is [batch, 1, q_heads, d] (head h·G+g): a view
             return out.reshape(bsz, 1, n_q, dim)  # (eagerly; inductor may lay the sum out otherwise)
         return out.reshape(bsz, n_q, q_len, dim).transpose(1, 2).contiguous()
@@ -346,8 +354,7 @@ class ProjectedLayer(KVLayer):
         parts, lses = [], []
         for kg, vg, zk, zv in zip(f.k_groups, f.v_groups, self.k_latent, self.v_latent):
             group_bias = None if bias is None else _select(bias, kg.index)[..., :stored]
-            found = serial_when_small(call.query.shape[-2], zk.nbytes + zv.nbytes, zk.device, attention_with_lse,
-                                      heads_matmul(_select(qs, kg.index), kg.proj), zk, zv, group_bias, 1.0)
+            found = attention_with_lse(heads_matmul(_select(qs, kg.index), kg.proj), zk, zv, group_bias, 1.0)
             if found is None:
                 return None
             out, lse = found
@@ -358,7 +365,7 @@ class ProjectedLayer(KVLayer):
         # the new tokens' logits, centred: q·(k − μ_k), relative to q·μ_k like the stored ones
         new_logits = heads_matmul(qs, self._new[2].mT).float()
         self._mask_new(new_logits, call, groups)
-        out = merge_softmax(old, lse_old, new_logits, self._new[3])
+        out = merge_softmax(old, lse_old, new_logits, self._new[3]) + f.mu_v4
         return self._finish(out, call), None
 
     def projected_attention(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -371,8 +378,11 @@ class ProjectedLayer(KVLayer):
 
         Per step the work over the stored tokens is what counts, so nothing is added to their
         logits: the scaling is in the query, and every logit is taken relative to ``q·μ_k`` (the
-        new tokens' keys are centred instead); the values' mean is added once, as
-        ``Σ p_old·μ_v + Σ p_new·v_new = μ_v + Σ p_new·(v_new − μ_v)``.
+        new tokens' keys are centred instead); the values' mean goes in with the new tokens, as
+        ``Σ p_old·μ_v + Σ p_new·v_new = μ_v + Σ p_new·(v_new − μ_v)``. It runs on
+        ``[batch·kv_heads, rows, ·]`` views, one ``bmm`` per product (see
+        :func:`compresskv.core.ops.heads_matmul`); a decode step pays every dispatch and every line of
+        Python here per layer, so the one-group case (uniform ranks) takes no selection or assembly.
         """
         f = self.factors
         bsz, n_q, q_len, dim = call.query.shape
@@ -380,13 +390,13 @@ class ProjectedLayer(KVLayer):
         groups = n_q // n_kv
         rows, stored = groups * q_len, self.stored_before
         k_rows, k_inverse, v_rows, v_inverse = f.flat(bsz)
-        # [batch·kv_heads, rows, ·] views throughout, one bmm per product (see heads_matmul);
+        mm = product_for(call.query)
         # query head h·G+g → KV head h, row g·q_len+i
         qs = (call.query * call.scaling).reshape(bsz * n_kv, rows, dim)
         _, _, centred_k, centred_v = self._new
-        old = [small_matmul(small_matmul(_select(qs, i, 0), per_batch(g.proj, bsz)), z.flatten(0, 1).mT)
+        old = [mm(mm(_select(qs, i, 0), per_batch(g.proj, bsz)), z.flatten(0, 1).mT)
                for g, i, z in zip(f.k_groups, k_rows, self.k_latent)]
-        logits = torch.cat([_assemble(old, k_inverse, 0), small_matmul(qs, centred_k.flatten(0, 1).mT)], dim=-1)
+        logits = torch.cat([_assemble(old, k_inverse, 0), mm(qs, centred_k.flatten(0, 1).mT)], dim=-1)
         logits = _as(logits, torch.float32).view(bsz, n_kv, rows, stored + q_len)
         self._mask_new(logits, call, groups, stored)
         if self.sink_k is not None:  # the sink tokens' logits at full precision, relative alike
@@ -399,9 +409,13 @@ class ProjectedLayer(KVLayer):
         flat_probs = probs.view(bsz * n_kv, rows, stored + q_len)
         p_old, p_new = flat_probs[..., :stored], flat_probs[..., stored:]
 
-        parts = [small_matmul(small_matmul(_select(p_old, i, 0), z.flatten(0, 1)), per_batch(g.proj.mT, bsz))
-                 for g, i, z in zip(f.v_groups, v_rows, self.v_latent)]
-        out = (_assemble(parts, v_inverse, 0) + small_matmul(p_new, centred_v.flatten(0, 1))).view(bsz, n_kv, rows, dim)
+        out = add_product(per_batch(f.mu_v3, bsz), p_new, centred_v.flatten(0, 1))  # μ_v + Σ p_new·(v_new − μ_v)
+        read = [mm(_select(p_old, i, 0), z.flatten(0, 1)) for i, z in zip(v_rows, self.v_latent)]
+        if v_inverse is None and len(read) == 1:
+            out = add_product(out, read[0], per_batch(f.v_groups[0].proj.mT, bsz))
+        else:
+            out = out + _assemble([mm(x, per_batch(g.proj.mT, bsz)) for x, g in zip(read, f.v_groups)], v_inverse, 0)
+        out = out.view(bsz, n_kv, rows, dim)
         if self.sink_v is not None:  # their values at full precision: add what the projection lost
             error = self.sink_v - self._sink_reconstruction("v")
             out = out + torch.matmul(probs[..., :stored].gather(-1, sink_at), error)
