@@ -127,9 +127,9 @@ def serial_read(query_len: int, read_bytes: int, device: torch.device) -> bool:
     """Whether an attention call of ``query_len`` new tokens reading ``read_bytes`` of stored keys
     and values is a decode step that :func:`serial_when_small` runs on one thread (eagerly, on CPU,
     at most :data:`SERIAL_READ_BYTES`)."""
-    # (torch.get_num_threads does not trace: asked only outside torch.compile)
-    return (query_len == 1 and device.type == "cpu" and read_bytes <= SERIAL_READ_BYTES
-            and not torch.compiler.is_compiling())
+    # asked first: torch.get_num_threads does not trace, and a symbolic size compared would guard
+    return (not torch.compiler.is_compiling() and query_len == 1 and device.type == "cpu"
+            and read_bytes <= SERIAL_READ_BYTES)
 
 
 def serial_when_small(query_len: int, read_bytes: int, device: torch.device, fn: Callable[..., T], *args: Any,
