@@ -74,7 +74,7 @@ def test_add_product_and_product_for_equal_their_plain_forms(monkeypatch, thread
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        torch.testing.assert_close(ops.add_product(c, a, b), c + torch.bmm(a, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ops.add_product(c, a, b, ops.product_for(a)), c + torch.bmm(a, b), rtol=1e-5, atol=1e-5)
         assert (ops.product_for(a) is torch.bmm) == (threads == 1)
         torch.testing.assert_close(ops.product_for(a)(a, b), torch.bmm(a, b), rtol=1e-5, atol=1e-5)
         assert len(fused) == (threads == 1)

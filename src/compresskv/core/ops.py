@@ -56,12 +56,11 @@ def product_for(x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch
     return small_matmul if _pooled(x) else torch.bmm
 
 
-def add_product(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``c + a @ b`` for 3-D operands of one batch size (``c`` broadcast): one ``baddbmm``, or
-    :func:`small_matmul` and an add where a thread pool is to be kept asleep."""
-    if _pooled(a):
-        return small_matmul(a, b) + c
-    return torch.baddbmm(c, a, b)
+def add_product(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``c + a @ b`` for 3-D operands of one batch size (``c`` broadcast), with ``mm`` the read's
+    :func:`product_for`: one ``baddbmm`` where that is ``torch.bmm``, else the product and an add."""
+    return torch.baddbmm(c, a, b) if mm is torch.bmm else mm(a, b) + c
 
 
 def heads_matmul(a: torch.Tensor, *mats: torch.Tensor) -> torch.Tensor:

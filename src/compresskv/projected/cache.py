@@ -391,8 +391,7 @@ class ProjectedLayer(KVLayer):
         rows, stored = groups * q_len, self.stored_before
         k_rows, k_inverse, v_rows, v_inverse = f.flat(bsz)
         mm = product_for(call.query)
-        # query head h·G+g → KV head h, row g·q_len+i
-        qs = (call.query * call.scaling).reshape(bsz * n_kv, rows, dim)
+        qs = self._grouped_query(call)[0].flatten(0, 1)
         _, _, centred_k, centred_v = self._new
         old = [mm(mm(_select(qs, i, 0), per_batch(g.proj, bsz)), z.flatten(0, 1).mT)
                for g, i, z in zip(f.k_groups, k_rows, self.k_latent)]
@@ -409,10 +408,10 @@ class ProjectedLayer(KVLayer):
         flat_probs = probs.view(bsz * n_kv, rows, stored + q_len)
         p_old, p_new = flat_probs[..., :stored], flat_probs[..., stored:]
 
-        out = add_product(per_batch(f.mu_v3, bsz), p_new, centred_v.flatten(0, 1))  # μ_v + Σ p_new·(v_new − μ_v)
+        out = add_product(per_batch(f.mu_v3, bsz), p_new, centred_v.flatten(0, 1), mm)  # μ_v + Σ p_new·(v_new − μ_v)
         read = [mm(_select(p_old, i, 0), z.flatten(0, 1)) for i, z in zip(v_rows, self.v_latent)]
         if v_inverse is None and len(read) == 1:
-            out = add_product(out, read[0], per_batch(f.v_groups[0].proj.mT, bsz))
+            out = add_product(out, read[0], per_batch(f.v_groups[0].proj.mT, bsz), mm)
         else:
             out = out + _assemble([mm(x, per_batch(g.proj.mT, bsz)) for x, g in zip(read, f.v_groups)], v_inverse, 0)
         out = out.view(bsz, n_kv, rows, dim)
