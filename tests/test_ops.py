@@ -82,6 +82,28 @@ def test_add_product_and_product_for_equal_their_plain_forms(monkeypatch, thread
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scaled_product_equals_the_scaled_product_with_no_kernel_for_the_scale(monkeypatch, threads):
+    """``scaled_product(a, b, s) == s · (a @ b)``; with one thread one ``baddbmm`` (beta 0: its
+    input, never read, may hold anything) and no multiply."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(6, 3, 64, generator=g), torch.randn(6, 25, 64, generator=g)[:, :20].mT  # a room's view, transposed
+    calls = []
+    real_baddbmm = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *x, **k: calls.append("baddbmm") or real_baddbmm(*x, **k))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        ops._UNREAD.clear()
+        ops._UNREAD[(a.dtype, a.device)] = torch.tensor(float("nan"))  # not read: no NaN may come out
+        got = ops.scaled_product(a, b, 0.125, ops.product_for(a))
+        torch.testing.assert_close(got, 0.125 * torch.bmm(a, b), rtol=1e-5, atol=1e-5)
+        assert calls == (["baddbmm"] if threads == 1 else [])
+    finally:
+        torch.set_num_threads(before)
+        ops._UNREAD.clear()
+
+
 def test_small_matmul_is_written_out_only_when_small_and_threaded(monkeypatch):
     calls = []
     real = torch.matmul

@@ -50,7 +50,8 @@ import torch
 from ..core.attention import AttentionCall
 from ..core.cache import KVLayer, tensor_bytes
 from ..core.lse import attention_with_lse, merge_softmax
-from ..core.ops import add_product, heads_matmul, per_batch, product_for, serial_read, serial_when_small, small_softmax
+from ..core.ops import (add_product, heads_matmul, per_batch, product_for, scaled_product, serial_read, serial_when_small,
+                        small_softmax)
 from .projections import Projections
 
 if TYPE_CHECKING:
@@ -168,6 +169,7 @@ class ProjectedLayer(KVLayer):
         self.k_latent: list[torch.Tensor] = []
         self.v_latent: list[torch.Tensor] = []
         self._new: tuple[torch.Tensor, ...] | None = None  # this call's keys and values, as given and centred
+        self._plain_module = 0  # id() of the attention module checked to have no sinks and no soft-capping
         # Optional full-precision copies of each row's first real tokens (attention sinks).
         self.sink_tokens = cache.sink_tokens
         self.sink_index: torch.Tensor | None = None  # [batch, n] positions in the stored sequence
@@ -275,11 +277,17 @@ class ProjectedLayer(KVLayer):
         if self.read_mode == "model" or self.stored_before == 0:
             return super().attend(call, fn)
         module = call.module
-        if getattr(module, "sinks", None) is not None or getattr(module.config, "attn_logit_softcapping", None):
-            raise ValueError(
-                f"compresskv: {type(module).__name__} uses attention sinks or logit soft-capping, which the "
-                "projected-space attention does not implement; use read_mode='model'."
-            )
+        # asked once per module eagerly (two getattr were ~4 µs a layer per step); compiled, at every
+        # trace (free there, and no Python state may change within a compiled step)
+        compiling = torch.compiler.is_compiling()
+        if compiling or id(module) != self._plain_module:
+            if getattr(module, "sinks", None) is not None or getattr(module.config, "attn_logit_softcapping", None):
+                raise ValueError(
+                    f"compresskv: {type(module).__name__} uses attention sinks or logit soft-capping, which the "
+                    "projected-space attention does not implement; use read_mode='model'."
+                )
+            if not compiling:
+                self._plain_module = id(module)
         # eager attention returns the weights (output_attentions), which only the explicit path forms
         q_len, device, read_bytes = call.query.shape[-2], call.query.device, self.latent_nbytes()
         if (self.read_mode == "latent" and self.sink_k is None and self.factors.paired and call.base != "eager"
@@ -325,8 +333,8 @@ class ProjectedLayer(KVLayer):
             logits.masked_fill_(~allowed, torch.finfo(logits.dtype).min)
 
     def _finish(self, out: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        """``[batch, kv_heads, rows, d]`` → the attention output ``[batch, q_len, q_heads, d]`` in the
-        query's dtype."""
+        """``[batch, kv_heads, rows, d]`` (or its ``[batch·kv_heads, rows, d]`` view) → the attention
+        output ``[batch, q_len, q_heads, d]`` in the query's dtype."""
         bsz, n_q, q_len, dim = call.query.shape
         out = _as(out, call.query.dtype)
         if q_len == 1:  # [batch, kv_heads, G, d] is [batch, 1, q_heads, d] (head h·G+g): a view
@@ -388,25 +396,29 @@ class ProjectedLayer(KVLayer):
         bsz, n_q, q_len, dim = call.query.shape
         n_kv = f.mu_k.shape[0]
         groups = n_q // n_kv
-        rows, stored = groups * q_len, self.stored_before
+        rows, stored, scaling = groups * q_len, self.stored_before, call.scaling
         k_rows, k_inverse, v_rows, v_inverse = f.flat(bsz)
         mm = product_for(call.query)
-        qs = self._grouped_query(call)[0].flatten(0, 1)
+        # query head h·G+g → KV head h, row g·q_len+i (as _grouped_query); unscaled: the scaling goes
+        # into the logits' products (scaled_product), not into a kernel of its own
+        q = call.query.reshape(bsz * n_kv, rows, dim)
         _, _, centred_k, centred_v = self._new
-        old = [mm(mm(_select(qs, i, 0), per_batch(g.proj, bsz)), z.flatten(0, 1).mT)
+        old = [scaled_product(mm(_select(q, i, 0), per_batch(g.proj, bsz)), z.flatten(0, 1).mT, scaling, mm)
                for g, i, z in zip(f.k_groups, k_rows, self.k_latent)]
-        logits = torch.cat([_assemble(old, k_inverse, 0), mm(qs, centred_k.flatten(0, 1).mT)], dim=-1)
-        logits = _as(logits, torch.float32).view(bsz, n_kv, rows, stored + q_len)
-        self._mask_new(logits, call, groups, stored)
-        if self.sink_k is not None:  # the sink tokens' logits at full precision, relative alike
-            sink_at = self.sink_index[:, None, None, :].expand(bsz, n_kv, rows, -1)
-            sink = torch.matmul(qs.view(bsz, n_kv, rows, dim), (self.sink_k - f.mu_k4).mT).float()
-            logits[..., :stored].scatter_(-1, sink_at, sink)
-        if self.valid is not None:  # in place, broadcast over the rows: no [.., rows, stored] boolean built
-            logits[..., :stored].masked_fill_(~self.valid[:, :, None, :stored], torch.finfo(logits.dtype).min)
-        probs = _as(small_softmax(logits), call.value.dtype)
-        flat_probs = probs.view(bsz * n_kv, rows, stored + q_len)
-        p_old, p_new = flat_probs[..., :stored], flat_probs[..., stored:]
+        new_logits = scaled_product(q, centred_k.flatten(0, 1).mT, scaling, mm)
+        logits = _as(torch.cat([_assemble(old, k_inverse, 0), new_logits], dim=-1), torch.float32)
+        sink_at = None
+        if q_len > 1 or call.new_valid is not None or self.sink_k is not None or self.valid is not None:
+            grid = logits.view(bsz, n_kv, rows, stored + q_len)  # (a decode step of real tokens skips it)
+            self._mask_new(grid, call, groups, stored)
+            if self.sink_k is not None:  # the sink tokens' logits at full precision, relative alike
+                sink_at = self.sink_index[:, None, None, :].expand(bsz, n_kv, rows, -1)
+                sink = torch.matmul(q.view(bsz, n_kv, rows, dim) * scaling, (self.sink_k - f.mu_k4).mT).float()
+                grid[..., :stored].scatter_(-1, sink_at, sink)
+            if self.valid is not None:  # in place, broadcast over the rows: no [.., rows, stored] boolean built
+                grid[..., :stored].masked_fill_(~self.valid[:, :, None, :stored], torch.finfo(grid.dtype).min)
+        probs = _as(small_softmax(logits), call.value.dtype)  # [batch·kv_heads, rows, stored + q_len]
+        p_old, p_new = probs[..., :stored], probs[..., stored:]
 
         out = add_product(per_batch(f.mu_v3, bsz), p_new, centred_v.flatten(0, 1), mm)  # μ_v + Σ p_new·(v_new − μ_v)
         read = [mm(_select(p_old, i, 0), z.flatten(0, 1)) for i, z in zip(v_rows, self.v_latent)]
@@ -414,10 +426,10 @@ class ProjectedLayer(KVLayer):
             out = add_product(out, read[0], per_batch(f.v_groups[0].proj.mT, bsz), mm)
         else:
             out = out + _assemble([mm(x, per_batch(g.proj.mT, bsz)) for x, g in zip(read, f.v_groups)], v_inverse, 0)
-        out = out.view(bsz, n_kv, rows, dim)
-        if self.sink_v is not None:  # their values at full precision: add what the projection lost
+        if sink_at is not None:  # their values at full precision: add what the projection lost
             error = self.sink_v - self._sink_reconstruction("v")
-            out = out + torch.matmul(probs[..., :stored].gather(-1, sink_at), error)
+            sink_probs = probs.view(bsz, n_kv, rows, -1)[..., :stored].gather(-1, sink_at)
+            out = out + torch.matmul(sink_probs, error).flatten(0, 1)
         weights = probs.view(bsz, n_kv, groups, q_len, -1).reshape(bsz, n_q, q_len, -1) if call.base == "eager" else None
         return self._finish(out, call), weights
 
