@@ -71,6 +71,7 @@ class _Group:
     index: torch.Tensor | None  # None when the group is every head, in order
     rank: int
     proj: torch.Tensor  # [heads, d, rank]: U[:, :rank] of each head
+    proj_t: torch.Tensor  # [heads, rank, d]: its transposed view (made once: a decode step's dispatch less)
 
 
 def _groups(u: torch.Tensor, ranks: list[int], dtype: torch.dtype, device: torch.device) -> tuple[list[_Group], torch.Tensor | None]:
@@ -81,7 +82,7 @@ def _groups(u: torch.Tensor, ranks: list[int], dtype: torch.dtype, device: torch
         heads = [h for h in range(n) if ranks[h] == rank]
         index = None if heads == list(range(n)) else torch.tensor(heads, device=device)
         proj = u[heads, :, :rank].to(device=device, dtype=dtype).contiguous()
-        groups.append(_Group(heads, index, rank, proj))
+        groups.append(_Group(heads, index, rank, proj, proj.mT))
     order = [h for g in groups for h in g.heads]
     inverse = None if order == list(range(n)) else torch.tensor(order, device=device).argsort()
     return groups, inverse
@@ -193,7 +194,7 @@ class ProjectedLayer(KVLayer):
 
     @staticmethod
     def _reconstruct(latent: list[torch.Tensor], mu: torch.Tensor, groups: list[_Group], inverse: torch.Tensor | None) -> torch.Tensor:
-        parts = [torch.matmul(z, g.proj.mT) for z, g in zip(latent, groups)]
+        parts = [torch.matmul(z, g.proj_t) for z, g in zip(latent, groups)]
         return _assemble(parts, inverse) + mu[None, :, None, :]
 
     def update(
@@ -226,15 +227,27 @@ class ProjectedLayer(KVLayer):
         return keys, values
 
     def after_attention(self, call: AttentionCall) -> None:
-        """Store this call's tokens, projected, then record their validity (base class)."""
+        """Store this call's tokens, projected (unless :meth:`attend` did), then record their
+        validity (base class)."""
         if self._new is not None:
-            keys, values, centred_k, centred_v = self._new
-            self._new = None
-            if self.stored() == 0 and self.sink_tokens:
-                pad = call.pad2d[:, -keys.shape[-2]:] if call.pad2d is not None else None
-                self._keep_sinks(keys, values, pad)
-            self._store(centred_k, centred_v)
+            self._store_new(call)
         super().after_attention(call)
+
+    def _store_new(self, call: AttentionCall) -> None:
+        keys, values, centred_k, centred_v = self._new
+        self._new = None
+        if self.stored() == 0 and self.sink_tokens:
+            pad = call.pad2d[:, -keys.shape[-2]:] if call.pad2d is not None else None
+            self._keep_sinks(keys, values, pad)
+        self._store(centred_k, centred_v)
+
+    def _read_then_store(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The explicit read, then the new tokens stored: together in :meth:`attend`'s one-thread
+        region for a small decode step (the store's products then need no written-out form to keep
+        a thread pool asleep)."""
+        out = self.projected_attention(call)
+        self._store_new(call)
+        return out
 
     def _keep_sinks(self, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor | None) -> None:
         """Keep full-precision copies of each row's first ``sink_tokens`` real tokens of the prefill."""
@@ -295,7 +308,7 @@ class ProjectedLayer(KVLayer):
             out = self.projected_attention_sdpa(call)
             if out is not None:
                 return out
-        return serial_when_small(q_len, read_bytes, device, self.projected_attention, call)
+        return serial_when_small(q_len, read_bytes, device, self._read_then_store, call)
 
     def _fused_on(self, device: torch.device, q_len: int, read_bytes: int) -> bool:
         if device.type not in self.fused_devices:
@@ -366,7 +379,7 @@ class ProjectedLayer(KVLayer):
             if found is None:
                 return None
             out, lse = found
-            parts.append(heads_matmul(out, vg.proj.mT))
+            parts.append(heads_matmul(out, vg.proj_t))
             lses.append(lse)
         old = _assemble(parts, f.v_inverse)  # [b, kv, rows, d]; v_inverse == k_inverse (paired)
         lse_old = _assemble(lses, f.k_inverse)  # [b, kv, rows]
@@ -423,9 +436,9 @@ class ProjectedLayer(KVLayer):
         out = add_product(per_batch(f.mu_v3, bsz), p_new, centred_v.flatten(0, 1), mm)  # μ_v + Σ p_new·(v_new − μ_v)
         read = [mm(_select(p_old, i, 0), z.flatten(0, 1)) for i, z in zip(v_rows, self.v_latent)]
         if v_inverse is None and len(read) == 1:
-            out = add_product(out, read[0], per_batch(f.v_groups[0].proj.mT, bsz), mm)
+            out = add_product(out, read[0], per_batch(f.v_groups[0].proj_t, bsz), mm)
         else:
-            out = out + _assemble([mm(x, per_batch(g.proj.mT, bsz)) for x, g in zip(read, f.v_groups)], v_inverse, 0)
+            out = out + _assemble([mm(x, per_batch(g.proj_t, bsz)) for x, g in zip(read, f.v_groups)], v_inverse, 0)
         if sink_at is not None:  # their values at full precision: add what the projection lost
             error = self.sink_v - self._sink_reconstruction("v")
             sink_probs = probs.view(bsz, n_kv, rows, -1)[..., :stored].gather(-1, sink_at)
