@@ -398,8 +398,9 @@ class ProjectedLayer(KVLayer):
         weights ``[batch, q_heads, q_len, stored + q_len]``, else ``None``.
 
         Per step the work over the stored tokens is what counts, so nothing is added to their
-        logits: the scaling is in the query, and every logit is taken relative to ``q·μ_k`` (the
-        new tokens' keys are centred instead); the values' mean goes in with the new tokens, as
+        logits: the scaling is in their products (:func:`compresskv.core.ops.scaled_product`), and
+        every logit is taken relative to ``q·μ_k`` (the new tokens' keys are centred instead); the
+        values' mean goes in with the new tokens, as
         ``Σ p_old·μ_v + Σ p_new·v_new = μ_v + Σ p_new·(v_new − μ_v)``. It runs on
         ``[batch·kv_heads, rows, ·]`` views, one ``bmm`` per product (see
         :func:`compresskv.core.ops.heads_matmul`); a decode step pays every dispatch and every line of
