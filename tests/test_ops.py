@@ -83,22 +83,35 @@ def test_add_product_and_product_for_equal_their_plain_forms(monkeypatch, thread
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_scaled_product_equals_the_scaled_product_with_no_kernel_for_the_scale(monkeypatch, threads):
+def test_scaled_product_equals_the_scaled_product_with_no_kernel_for_the_scale(threads):
     """``scaled_product(a, b, s) == s · (a @ b)``; with one thread one ``baddbmm`` (beta 0: its
-    input, never read, may hold anything) and no multiply."""
+    input, never read, may hold anything) and no multiply; with a pool to keep asleep the
+    written-out product, then the multiply."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(6, 3, 64, generator=g), torch.randn(6, 25, 64, generator=g)[:, :20].mT  # a room's view, transposed
-    calls = []
-    real_baddbmm = torch.baddbmm
-    monkeypatch.setattr(torch, "baddbmm", lambda *x, **k: calls.append("baddbmm") or real_baddbmm(*x, **k))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         ops._UNREAD.clear()
         ops._UNREAD[(a.dtype, a.device)] = torch.tensor(float("nan"))  # not read: no NaN may come out
-        got = ops.scaled_product(a, b, 0.125, ops.product_for(a))
+        with Ops() as seen:
+            got = ops.scaled_product(a, b, 0.125, ops.product_for(a))
         torch.testing.assert_close(got, 0.125 * torch.bmm(a, b), rtol=1e-5, atol=1e-5)
-        assert calls == (["baddbmm"] if threads == 1 else [])
+        if threads == 1:
+            assert seen.names == ["baddbmm"]
+        else:
+            assert "baddbmm" not in seen.names and seen.names[-1] == "mul"
     finally:
         torch.set_num_threads(before)
         ops._UNREAD.clear()
@@ -222,14 +235,23 @@ def test_decode_steps_read_on_one_thread_with_the_same_tokens(monkeypatch, metho
         explicit = projected_cache.ProjectedLayer.projected_attention
         monkeypatch.setattr(projected_cache.ProjectedLayer, "projected_attention", lambda layer, call: reads.append(
             (call.query.shape[-2], torch.get_num_threads())) or explicit(layer, call))
+    stores: list[tuple[int, int]] = []  # (tokens, threads) of each projected store: a step's in its read's region
+    store = projected_cache.ProjectedLayer._store
+    monkeypatch.setattr(projected_cache.ProjectedLayer, "_store", lambda layer, k, v: stores.append(
+        (k.shape[-2], torch.get_num_threads())) or store(layer, k, v))
     seq, logits = greedy(model, ids, mask, make())
     # a decode step's rows: 1 token, or its 2 query heads per KV head where they are grouped; the
     # prompt's: its 48 tokens
     assert {t for rows, t in reads if rows <= 2} == {1}
     assert {t for rows, t in reads if rows > 2} <= {2}
+    if method == "matryoshka":
+        assert {t for n, t in stores if n == 1} == {1} and {t for n, t in stores if n > 1} == {2}
     monkeypatch.setattr(ops, "SERIAL_READ_BYTES", -1)
     reads.clear()
+    stores.clear()
     ref_seq, ref_logits = greedy(model, ids, mask, make())
     assert reads and {t for _, t in reads} == {2}
+    if method == "matryoshka":
+        assert stores and {t for _, t in stores} == {2}
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
