@@ -325,12 +325,12 @@ class ProjectedLayer(KVLayer):
         # fused_cpu_threads); the fused kernel takes larger reads where there are threads for it.
         return torch.get_num_threads() >= self.fused_cpu_threads and not serial_read(q_len, read_bytes, device)
 
-    def _grouped_query(self, call: AttentionCall) -> tuple[torch.Tensor, int]:
-        """The scaled query ``[batch, kv_heads, rows, d]`` (query head h·G+g → KV head h, row
-        g·q_len+i) and ``G``, the query heads per KV head."""
+    def _grouped_rows(self, call: AttentionCall) -> torch.Tensor:
+        """The query, unscaled, as ``[batch·kv_heads, rows, d]``: query head h·G+g → KV head h, row
+        g·q_len+i (``G`` query heads per KV head)."""
         bsz, n_q, q_len, dim = call.query.shape
-        n_kv = call.key.shape[1]
-        return (call.query * call.scaling).reshape(bsz, n_kv, n_q // n_kv * q_len, dim), n_q // n_kv
+        n_kv = self.factors.mu_k.shape[0]
+        return call.query.reshape(bsz * n_kv, n_q // n_kv * q_len, dim)
 
     def _mask_new(self, logits: torch.Tensor, call: AttentionCall, groups: int, start: int = 0) -> None:
         """Apply the causal and padding masks, in place, to fp32 logits ``[batch, kv_heads, rows,
@@ -363,8 +363,10 @@ class ProjectedLayer(KVLayer):
         ``out = μ_v + (e^{L}·O·U_vᵀ + Σ e^{s}·(v_new − μ_v)) / (e^{L} + Σ e^{s})``.
         """
         f = self.factors
-        qs, groups = self._grouped_query(call)
-        bsz, n_kv = qs.shape[:2]
+        bsz, n_q, q_len, dim = call.query.shape
+        n_kv = f.mu_k.shape[0]
+        groups = n_q // n_kv
+        qs = (self._grouped_rows(call) * call.scaling).view(bsz, n_kv, groups * q_len, dim)
         stored = self.stored_before
         bias = None
         if self.valid is not None:
@@ -413,9 +415,7 @@ class ProjectedLayer(KVLayer):
         rows, stored, scaling = groups * q_len, self.stored_before, call.scaling
         k_rows, k_inverse, v_rows, v_inverse = f.flat(bsz)
         mm = product_for(call.query)
-        # query head h·G+g → KV head h, row g·q_len+i (as _grouped_query); unscaled: the scaling goes
-        # into the logits' products (scaled_product), not into a kernel of its own
-        q = call.query.reshape(bsz * n_kv, rows, dim)
+        q = self._grouped_rows(call)  # unscaled: the scaling goes into the logits' products (scaled_product)
         _, _, centred_k, centred_v = self._new
         old = [scaled_product(mm(_select(q, i, 0), per_batch(g.proj, bsz)), z.flatten(0, 1).mT, scaling, mm)
                for g, i, z in zip(f.k_groups, k_rows, self.k_latent)]
